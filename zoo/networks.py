@@ -1,0 +1,132 @@
+"""The registry of trainee networks.
+
+``small`` is the network learned optimizers are meta-trained on (1 conv + 1 fc, after
+Roy & Todorovic 2018); ``big`` is the bigger network they are transferred to
+(3 conv + 2 fc). Both are built for any ``(channels, height, width)`` input, so the same
+names serve MNIST (1x28x28) and CIFAR-10 (3x32x32).
+
+Example:
+    >>> net = build_network("small", input_shape=(1, 28, 28), num_classes=10)
+    >>> sum(p.numel() for p in net.parameters())
+    11738
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnknownNameError
+
+__all__ = ["NETWORKS", "NetworkSpec", "build_network", "get_network", "count_parameters"]
+
+Shape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A registered network: how to build it and what it is."""
+
+    name: str
+    description: str
+    factory: Callable[[Shape, int, float], nn.Module]
+    layer_kinds: tuple[str, ...] = ("conv", "fc")
+
+
+def _pooled(size: int, times: int) -> int:
+    for _ in range(times):
+        size //= 2
+    return size
+
+
+def _small(input_shape: Shape, num_classes: int, width: float = 1.0) -> nn.Module:
+    channels, height, width_px = input_shape
+    filters = max(1, round(8 * width))
+    out_h, out_w = (height - 4) // 2, (width_px - 4) // 2
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(channels, filters, kernel_size=5),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(filters * out_h * out_w, num_classes),
+        )
+    )
+
+
+def _big(input_shape: Shape, num_classes: int, width: float = 1.0) -> nn.Module:
+    channels, height, width_px = input_shape
+    c1, c2, c3 = (max(1, round(c * width)) for c in (16, 32, 32))
+    hidden = max(1, round(128 * width))
+    flat = c3 * _pooled(height, 3) * _pooled(width_px, 3)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(channels, c1, kernel_size=3, padding=1),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(c1, c2, kernel_size=3, padding=1),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            conv3=nn.Conv2d(c2, c3, kernel_size=3, padding=1),
+            relu3=nn.ReLU(),
+            pool3=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(flat, hidden),
+            relu4=nn.ReLU(),
+            fc2=nn.Linear(hidden, num_classes),
+        )
+    )
+
+
+NETWORKS: dict[str, NetworkSpec] = {
+    spec.name: spec
+    for spec in (
+        NetworkSpec(
+            "small",
+            "1 conv + 1 fc: Conv(8, 5x5)-ReLU-MaxPool(2)-Linear; the meta-training network",
+            _small,
+        ),
+        NetworkSpec(
+            "big",
+            "3 conv + 2 fc: 3x[Conv(3x3, pad 1)-ReLU-MaxPool(2)] (16, 32, 32 filters)"
+            "-Linear(128)-ReLU-Linear; the transfer target",
+            _big,
+        ),
+    )
+}
+
+
+def get_network(name: str) -> NetworkSpec:
+    """Return the registered network ``name``; ``UnknownNameError`` lists the known ones."""
+    try:
+        return NETWORKS[name]
+    except KeyError:
+        known = ", ".join(sorted(NETWORKS))
+        raise UnknownNameError(f"unknown network {name!r}; known networks: {known}") from None
+
+
+def build_network(
+    name: str, input_shape: Shape, num_classes: int = 10, width: float = 1.0
+) -> nn.Module:
+    """Build network ``name`` for inputs of ``input_shape`` with PyTorch's default init.
+
+    ``width`` multiplies every layer's channel/unit count (meta-training samples it to
+    present the update nets with networks of several widths).
+    """
+    return get_network(name).factory(tuple(input_shape), num_classes, width)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def scale_init(model: nn.Module, scale: float) -> None:
+    """Multiply every weight (not bias) of ``model`` by ``scale``, in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("bias"):
+                p.mul_(scale)
