@@ -69,7 +69,9 @@ class PretrainedOptimizer:
 
     @property
     def curvature_mode(self) -> str | None:
-        return self.config.get("curvature", {}).get("mode") if self.features.uses_curvature else None
+        return (
+            self.config.get("curvature", {}).get("mode") if self.features.uses_curvature else None
+        )
 
     def attach(
         self, model: nn.Module, *, other: str = "adam", other_lr: float = 1e-3
@@ -257,7 +259,9 @@ def load_checkpoint(ref: str | os.PathLike) -> PretrainedOptimizer:
             name = f"{kind}.{key}"
             expected.add(name)
             if name not in tensors:
-                raise CheckpointError(f"{weights_path} lacks tensor {name!r} that the config implies")
+                raise CheckpointError(
+                    f"{weights_path} lacks tensor {name!r} that the config implies"
+                )
             if tensors[name].shape != value.shape or tensors[name].dtype != value.dtype:
                 raise CheckpointError(
                     f"{weights_path}: tensor {name!r} is {tuple(tensors[name].shape)} "

@@ -191,7 +191,11 @@ def _maxpool2d_rule(module: nn.MaxPool2d, x: Tensor, h_y: Tensor) -> Tensor:
     # the selected inputs exactly as a gradient would (summed where windows overlap).
     def pool(t: Tensor) -> Tensor:
         return F.max_pool2d(
-            t, module.kernel_size, module.stride, module.padding, module.dilation,
+            t,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
             module.ceil_mode,
         )
 

@@ -31,6 +31,7 @@ import io
 import logging
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from .errors import DataError, UnknownNameError
 
-__all__ = ["DATASETS", "Dataset", "cache_dir", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "batch_sampler", "cache_dir", "load_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ def _offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("ZOO_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+def load_dataset(
+    name: str, root: str | os.PathLike | None = None, download: bool = True
+) -> Dataset:
     """Load dataset ``name`` (``"mnist"`` or ``"cifar10"``); see the module docstring."""
     if name not in DATASETS:
         raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
@@ -301,3 +304,29 @@ def _load_cifar10(root) -> Dataset:
         f"CIFAR-10 (JPEG-recompressed, quality ~75): {len(t['train_y']):,} train / "
         f"{len(t['test_y']):,} test images from {root}",
     )
+
+
+def batch_sampler(data: Dataset, batch_size: int, seed: int, subset: int = 0) -> Callable:
+    """``step -> (inputs, labels)``: minibatches that depend only on ``(seed, step)``.
+
+    Every method compared with the same seed sees the same batches, in any order.
+    ``subset`` restricts sampling to a random subset of the training split.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.train_y)
+    pool = torch.randperm(n, generator=gen)[:subset] if subset and subset < n else None
+    cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def batches(step: int):
+        # Deterministic in (seed, step): the same batches whoever asks, in any order.
+        if step not in cache:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            if pool is None:
+                idx = torch.randint(0, n, (batch_size,), generator=g)
+            else:
+                idx = pool[torch.randint(0, len(pool), (batch_size,), generator=g)]
+            cache.clear()
+            cache[step] = (data.train_x[idx], data.train_y[idx])
+        return cache[step]
+
+    return batches

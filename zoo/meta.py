@@ -35,10 +35,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from .curvature import curvature_pass
-from .data import Dataset
+from .data import Dataset, batch_sampler
 from .errors import ConfigError, NonFiniteError
 from .features import FeatureSpec, init_state
 from .layer_kinds import KINDS, assign
@@ -135,7 +134,9 @@ def _coerce(section: str, cls, raw: dict):
         where = f"[{section}] {key}"
         if isinstance(default, bool) or isinstance(default, str):
             if not isinstance(value, type(default)):
-                raise ConfigError(f"recipe {where} must be a {type(default).__name__}, got {value!r}")
+                raise ConfigError(
+                    f"recipe {where} must be a {type(default).__name__}, got {value!r}"
+                )
         elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"recipe {where} must be an integer, got {value!r}")
@@ -147,10 +148,14 @@ def _coerce(section: str, cls, raw: dict):
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"recipe {where} must be a non-empty list, got {value!r}")
             kind = type(default[0])
-            if kind is float and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            if kind is float and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            ):
                 value = [float(v) for v in value]
             elif not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"recipe {where} must be a list of {kind.__name__}, got {value!r}")
+                raise ConfigError(
+                    f"recipe {where} must be a list of {kind.__name__}, got {value!r}"
+                )
             value = tuple(value)
         values[key] = value
     return cls(**values)
@@ -161,7 +166,9 @@ def parse_recipe(raw: dict) -> Recipe:
     allowed = {"name", "description", "task", "update_net", "meta", "validation"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"recipe: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("recipe: `name` (a non-empty string) is required")
@@ -192,11 +199,21 @@ def _validate(recipe: Recipe) -> None:
         ("task.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
         ("task.subset", t.subset, t.subset >= 0, ">= 0"),
         ("task.widths", t.widths, all(w > 0 for w in t.widths), "all > 0"),
-        ("task.init_scale", t.init_scale, len(t.init_scale) == 2 and 0 < t.init_scale[0] <= t.init_scale[1], "[low, high] with 0 < low <= high"),
+        (
+            "task.init_scale",
+            t.init_scale,
+            len(t.init_scale) == 2 and 0 < t.init_scale[0] <= t.init_scale[1],
+            "[low, high] with 0 < low <= high",
+        ),
         ("update_net.hidden_size", u.hidden_size, u.hidden_size >= 1, ">= 1"),
         ("update_net.num_layers", u.num_layers, u.num_layers >= 1, ">= 1"),
         ("update_net.init_lr", u.init_lr, u.init_lr > 0, "> 0"),
-        ("update_net.kinds", u.kinds, set(u.kinds) <= set(KINDS) and len(set(u.kinds)) == len(u.kinds), f"distinct values from {KINDS}"),
+        (
+            "update_net.kinds",
+            u.kinds,
+            set(u.kinds) <= set(KINDS) and len(set(u.kinds)) == len(u.kinds),
+            f"distinct values from {KINDS}",
+        ),
         ("meta.iterations", m.iterations, m.iterations >= 1, ">= 1"),
         ("meta.unroll", m.unroll, m.unroll >= 1, ">= 1"),
         ("meta.horizon", m.horizon, m.horizon >= m.unroll, ">= meta.unroll"),
@@ -295,27 +312,6 @@ class _Run:
         self.lstm = {k: s.detach() for k, s in self.lstm.items()}
 
 
-def _batch_sampler(data: Dataset, batch_size: int, seed: int, subset: int = 0) -> Callable:
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data.train_y)
-    pool = torch.randperm(n, generator=gen)[:subset] if subset and subset < n else None
-    cache: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def batches(step: int):
-        # Deterministic in (seed, step): the same batches whoever asks, in any order.
-        if step not in cache:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            if pool is None:
-                idx = torch.randint(0, n, (batch_size,), generator=g)
-            else:
-                idx = pool[torch.randint(0, len(pool), (batch_size,), generator=g)]
-            cache.clear()
-            cache[step] = (data.train_x[idx], data.train_y[idx])
-        return cache[step]
-
-    return batches
-
-
 def evaluate_nets(
     nets: dict[str, UpdateNet],
     spec: FeatureSpec,
@@ -330,7 +326,7 @@ def evaluate_nets(
     curves = []
     for seed in task.seeds:
         trainee = _Trainee(task.network, data, 1.0, 1.0, seed)
-        run = _Run(trainee, nets, _batch_sampler(data, batch_size, seed))
+        run = _Run(trainee, nets, batch_sampler(data, batch_size, seed))
         losses = []
         for _ in range(task.steps):
             result = run.evaluate(keep_graph=False)
@@ -378,7 +374,9 @@ def meta_train(
     }
     missing = set(KINDS) - set(u.kinds)
     if missing:
-        raise ConfigError(f"recipe update_net.kinds lacks {sorted(missing)}; zoo nets cover {KINDS}")
+        raise ConfigError(
+            f"recipe update_net.kinds lacks {sorted(missing)}; zoo nets cover {KINDS}"
+        )
     weights = [p for net in nets.values() for p in net.parameters()]
     meta_opt = torch.optim.Adam(weights, lr=m.meta_lr)
     rng = torch.Generator().manual_seed(m.seed)
@@ -387,15 +385,19 @@ def meta_train(
     def new_run(index: int) -> _Run:
         width = t.widths[int(torch.randint(len(t.widths), (1,), generator=rng))]
         lo, hi = t.init_scale
-        scale = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand(1, generator=rng)))
+        scale = math.exp(
+            math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand(1, generator=rng))
+        )
         seed = m.seed * 100_000 + index
         trainee = _Trainee(t.network, data, width, scale, seed)
-        run = _Run(trainee, nets, _batch_sampler(data, t.batch_size, seed, t.subset))
+        run = _Run(trainee, nets, batch_sampler(data, t.batch_size, seed, t.subset))
         run.evaluate(keep_graph=False)
         return run
 
     def validate() -> float:
-        scores = [_score(evaluate_nets(nets, spec, data, v, t.batch_size)) for v in recipe.validation]
+        scores = [
+            _score(evaluate_nets(nets, spec, data, v, t.batch_size)) for v in recipe.validation
+        ]
         return sum(scores) / len(scores)
 
     history, validation = [], []
@@ -441,7 +443,9 @@ def meta_train(
         if iteration % m.validate_every == 0 or iteration == m.iterations:
             score = validate()
             validation.append((iteration, score))
-            logger.info("iteration %d: meta-loss %.4f, validation %.4f", iteration, history[-1][1], score)
+            logger.info(
+                "iteration %d: meta-loss %.4f, validation %.4f", iteration, history[-1][1], score
+            )
             if score < best_score:
                 best_score, best, best_iteration = score, copy.deepcopy(nets), iteration
     return MetaResult(

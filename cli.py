@@ -1,0 +1,418 @@
+"""The ``zoo`` command line: a thin click group over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+import zoo
+from zoo.errors import ZooError
+
+DEFAULT_ADAM_GRID = "5e-4,1e-3,2e-3,3e-3,5e-3"
+TUNING_SEED = 10_000  # Adam's learning rate is chosen on this seed, never on a reported one
+
+
+def _friendly(func):
+    """Turn the library's own errors into one clean line and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ZooError as error:
+            raise click.ClickException(str(error)) from error
+
+    return wrapper
+
+
+def _positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be >= 1, got {value}")
+    return value
+
+
+def _grid(ctx, param, value: str) -> list[float]:
+    try:
+        grid = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if not grid or any(not v > 0 for v in grid):
+        raise click.BadParameter(f"expected positive learning rates, got {value!r}")
+    return grid
+
+
+def _writable_dir(path: Path) -> Path:
+    """Check (without creating anything) that ``path`` can be created or written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{path} cannot be written (no write access to {probe})")
+    return path
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(zoo.__version__, prog_name="zoo")
+@click.option("-v", "--verbose", count=True, help="Show the library's log (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """zoo: learned optimizers with pretrained checkpoints."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------- list / info
+
+
+@main.command("list")
+def list_command() -> None:
+    """List the optimizers shipped with zoo."""
+    from zoo.checkpoint import shipped_checkpoints
+
+    shipped = shipped_checkpoints()
+    if not shipped:
+        click.echo("no shipped checkpoints found")
+    for name, path in shipped.items():
+        config = json.loads((path / "config.json").read_text())
+        source = config.get("source_network", {})
+        click.echo(
+            f"{name:<28} {config.get('features', {}).get('set', '?'):<3} "
+            f"{source.get('name', '?')}/{source.get('dataset', '?'):<8} {path}"
+        )
+
+
+@main.command()
+@click.argument("ref")
+@_friendly
+def info(ref: str) -> None:
+    """Describe checkpoint REF (a shipped name or a folder)."""
+    opt = zoo.load(ref)
+    c = opt.config
+    click.echo(f"name:            {opt.name}  ({opt.path})")
+    click.echo(f"source network:  {c.get('source_network')}")
+    click.echo(f"layer kinds:     {', '.join(opt.nets)}")
+    click.echo(f"features:        {c['features']['set']} {c['features']['names']}")
+    click.echo(f"curvature mode:  {opt.curvature_mode or 'not used'}")
+    click.echo(f"update net:      {c['update_net']}")
+    click.echo(f"horizon:         {c.get('training', {}).get('horizon')} steps")
+    click.echo(f"metrics:         {json.dumps(c.get('metrics', {}))}")
+
+
+# ---------------------------------------------------------------------- meta-train
+
+
+@main.command("meta-train")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Checkpoint folder to write (replaced atomically if it exists).",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset root (torchvision layout for MNIST); default: $ZOO_DATA, cache, download, offline fallback.",
+)
+@click.option(
+    "--iterations",
+    type=int,
+    default=None,
+    callback=_positive,
+    help="Override the recipe's meta.iterations (for quick trials).",
+)
+@_friendly
+def meta_train_command(
+    recipe: Path, out: Path, data_root: Path | None, iterations: int | None
+) -> None:
+    """Meta-train an optimizer as RECIPE (TOML) says and save it to --out."""
+    import dataclasses
+
+    from zoo.checkpoint import save_checkpoint
+    from zoo.data import load_dataset
+    from zoo.meta import load_recipe, meta_train
+
+    plan = load_recipe(recipe)
+    if iterations is not None:
+        plan = dataclasses.replace(plan, meta=dataclasses.replace(plan.meta, iterations=iterations))
+    _writable_dir(out)
+    data = load_dataset(plan.task.dataset, data_root)
+    click.echo(f"data: {data.source}")
+    started = time.perf_counter()
+    with click.progressbar(
+        length=plan.meta.iterations,
+        label="meta-training",
+        show_pos=True,
+        item_show_func=lambda s: s,
+    ) as bar:
+
+        def progress(i, total, meta_loss):
+            bar.update(1, f"meta-loss {meta_loss:.4f}")
+
+        result = meta_train(plan, data, progress=progress)
+    minutes = (time.perf_counter() - started) / 60
+    command = "zoo meta-train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    config = _checkpoint_config(plan, data, result, command, minutes)
+    card = _model_card(plan, data, result, command, minutes, config)
+    save_checkpoint(out, result.nets, zoo.FeatureSpec(plan.update_net.features), config, card)
+    click.echo(
+        f"best validation score {result.best_score:.4f} at iteration {result.best_iteration} "
+        f"(untrained = Adam lr={plan.update_net.init_lr:g}: {result.validation[0][1]:.4f}); "
+        f"{minutes:.1f} min"
+    )
+    click.echo(f"wrote {out}")
+
+
+def _checkpoint_config(plan, data, result, command, minutes) -> dict:
+    last = result.history[-20:]
+    return {
+        "name": plan.name,
+        "description": plan.description,
+        "source_network": {
+            "name": plan.task.network,
+            "dataset": plan.task.dataset,
+            "input_shape": list(data.input_shape),
+        },
+        "curvature": {"mode": "diagonal"},
+        "training": {
+            "horizon": plan.meta.horizon,
+            "unroll": plan.meta.unroll,
+            "iterations": plan.meta.iterations,
+            "best_iteration": result.best_iteration,
+        },
+        "recipe": plan.to_dict(),
+        "data": {"source": data.source},
+        "metrics": {
+            "validation_score_untrained": round(result.validation[0][1], 5),
+            "validation_score_best": round(result.best_score, 5),
+            "final_meta_loss_mean_last_20": round(sum(v for _, v in last) / max(len(last), 1), 5),
+            "meta_training_minutes": round(minutes, 2),
+        },
+        "command": command,
+    }
+
+
+def _model_card(plan, data, result, command, minutes, config) -> str:
+    kinds = ", ".join(plan.update_net.kinds)
+    validation = "\n".join(f"| {it} | {score:.4f} |" for it, score in result.validation)
+    tasks = ", ".join(
+        f"{v.network} ({v.steps} steps, seeds {list(v.seeds)})" for v in plan.validation
+    )
+    return f"""---
+library_name: zoo
+tags:
+- learned-optimizer
+- zoo
+- pytorch
+{chr(10).join(f"- layer-kind-{k}" for k in plan.update_net.kinds)}
+datasets:
+- {plan.task.dataset}
+---
+
+# {plan.name}
+
+{plan.description}
+
+A coordinate-wise LSTM optimizer (2 layers x {plan.update_net.hidden_size} units, one net per
+layer kind: {kinds}) with feature set `{plan.update_net.features}`, meta-trained with zoo
+{zoo.__version__} on the `{plan.task.network}` network and {plan.task.dataset}.
+
+## How it was made
+
+- command: `{command}`
+- data: {data.source}
+- meta-training: {plan.meta.iterations} meta-iterations of {plan.meta.unroll}-step unrolls,
+  tasks of {plan.meta.horizon} steps, meta-loss `{plan.meta.meta_loss}`, Adam meta-optimizer
+  lr {plan.meta.meta_lr:g}, meta-gradient clip {plan.meta.clip:g}
+- time: {minutes:.1f} minutes on the machine that ran the command
+- final meta-loss (mean of the last 20 iterations):
+  {config["metrics"]["final_meta_loss_mean_last_20"]}
+
+## Validation
+
+Score = mean log training loss over the run (lower is better) on: {tasks}.
+Iteration 0 is the untrained net, which is exactly Adam with lr {plan.update_net.init_lr:g}.
+The weights shipped are those of the best iteration ({result.best_iteration}).
+
+| iteration | score |
+|---|---|
+{validation}
+
+## Use
+
+```python
+import zoo
+opt = zoo.load("{plan.name}").attach(model)
+loss = zoo.curvature.backward(model, inputs, target)   # gradient + second derivatives
+opt.step()
+```
+"""
+
+
+# ---------------------------------------------------------------------- transfer
+
+
+@main.command()
+@click.option(
+    "--src",
+    default="small",
+    show_default=True,
+    help="Optimizer to transfer: 'small' (the shipped one meta-trained on small), a shipped name or a checkpoint folder.",
+)
+@click.option(
+    "--dst", default="big", show_default=True, help="Network to train (see README: small, big)."
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist", "cifar10"]),
+    default="mnist",
+    show_default=True,
+    help="Dataset to train on.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset root; default: $ZOO_DATA, zoo's cache, download, then (MNIST) the offline fallback.",
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=500,
+    show_default=True,
+    callback=_positive,
+    help="Training steps per run.",
+)
+@click.option(
+    "--seeds",
+    type=int,
+    default=3,
+    show_default=True,
+    callback=_positive,
+    help="Number of seeds (0..N-1); every method gets the same inits and batches per seed.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=128,
+    show_default=True,
+    callback=_positive,
+    help="Minibatch size.",
+)
+@click.option(
+    "--adam-grid",
+    default=DEFAULT_ADAM_GRID,
+    show_default=True,
+    callback=_grid,
+    help="Adam learning rates to tune over (on a separate tuning seed).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/transfer"),
+    show_default=True,
+    help="Folder for the PNG plot and results JSON.",
+)
+@_friendly
+def transfer(src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, out) -> None:
+    """Attach a learned optimizer per layer kind to --dst, train it, and compare with Adam."""
+    from zoo import layer_kinds
+    from zoo.data import load_dataset
+    from zoo.networks import build_network, count_parameters
+    from zoo.train import (
+        Method,
+        adam,
+        compare,
+        markdown_table,
+        plot_curves,
+        steps_to_reach,
+        summarise,
+        tune_lr,
+    )
+
+    pretrained = zoo.load(src)
+    _writable_dir(out)
+    data = load_dataset(dataset, data_root)
+    probe = build_network(dst, data.input_shape, data.num_classes)
+    source = pretrained.config.get("source_network", {})
+    click.echo(f"data: {data.source}")
+    click.echo(
+        f"optimizer: {pretrained.name} (meta-trained on {source.get('name')}/{source.get('dataset')}, "
+        f"features {pretrained.features.name}) -> {dst} ({count_parameters(probe):,} parameters)"
+    )
+    click.echo(layer_kinds.report(pretrained.attach(probe).assignments))
+    learned = Method(
+        f"zoo {pretrained.name}",
+        pretrained.attach,
+        needs_curvature=pretrained.features.uses_curvature,
+    )
+    total = steps * len(adam_grid) + steps * seeds * 2
+    with click.progressbar(length=total, label="training") as bar:
+        best_lr, scores = tune_lr(
+            dst,
+            data,
+            adam,
+            adam_grid,
+            steps=steps,
+            seed=TUNING_SEED,
+            batch_size=batch_size,
+            progress=bar.update,
+        )
+        results = compare(
+            dst,
+            data,
+            [learned, adam(best_lr)],
+            steps=steps,
+            seeds=range(seeds),
+            batch_size=batch_size,
+            progress=bar.update,
+        )
+    grid_text = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in scores.items())
+    click.echo(
+        f"Adam grid (final training loss on tuning seed {TUNING_SEED}): {grid_text}; best {best_lr:g}"
+    )
+    report_steps = [s for s in (50, 100, 200, 500, 1000, 2000, 5000) if s < steps] + [steps]
+    header, rows = summarise(results, report_steps)
+    adam_name = adam(best_lr).name
+    adam_final = sum(r.train_loss[-1] for r in results[adam_name]) / seeds
+    mean_curve = [
+        sum(v) / seeds for v in zip(*(r.train_loss for r in results[learned.name]), strict=True)
+    ]
+    reach = steps_to_reach(results[learned.name][0].steps, mean_curve, adam_final)
+    table = markdown_table(header, rows)
+    click.echo(f"\n{dst} on {dataset}, {steps} steps, mean ± sd over {seeds} seed(s):\n")
+    click.echo(table)
+    click.echo(
+        f"\nsteps for zoo to reach Adam's final loss ({adam_final:.4f}): "
+        + (f"{reach} ({reach / steps:.2f}x Adam's {steps})" if reach else f"not reached in {steps}")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"transfer-{dst}-{dataset}.png"
+    plot_curves(results, png, f"{pretrained.name} -> {dst} ({dataset})")
+    payload = {
+        "src": str(src),
+        "dst": dst,
+        "dataset": dataset,
+        "data": data.source,
+        "steps": steps,
+        "seeds": seeds,
+        "adam_grid": scores,
+        "adam_best_lr": best_lr,
+        "table": table,
+        "runs": {name: [r.__dict__ for r in records] for name, records in results.items()},
+    }
+    (out / f"transfer-{dst}-{dataset}.json").write_text(json.dumps(payload, indent=2, default=str))
+    click.echo(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()
