@@ -72,37 +72,190 @@ def main(verbose: int) -> None:
 
 
 @main.command("list")
-def list_command() -> None:
-    """List the optimizers shipped with zoo."""
+@click.option(
+    "--hub",
+    "on_hub",
+    is_flag=True,
+    help="Also list the Hub's models tagged for zoo (library_name: zoo, tag learned-optimizer).",
+)
+@click.option("--search", default=None, help="With --hub: only repos whose id contains this text.")
+@_friendly
+def list_command(on_hub: bool, search: str | None) -> None:
+    """List optimizers: shipped with zoo, in the Hugging Face cache, and (--hub) on the Hub."""
     from zoo.checkpoint import shipped_checkpoints
+    from zoo.hub import cached_checkpoints, list_hub
 
+    if search is not None and not on_hub:
+        raise click.BadParameter("--search only applies with --hub", param_hint="--search")
     shipped = shipped_checkpoints()
-    if not shipped:
-        click.echo("no shipped checkpoints found")
+    click.echo("shipped:" if shipped else "shipped: none found")
     for name, path in shipped.items():
         config = json.loads((path / "config.json").read_text())
         source = config.get("source_network", {})
         click.echo(
-            f"{name:<28} {config.get('features', {}).get('set', '?'):<3} "
+            f"  {name:<28} {config.get('features', {}).get('set', '?'):<3} "
             f"{source.get('name', '?')}/{source.get('dataset', '?'):<8} {path}"
         )
+    cached = cached_checkpoints()
+    click.echo("cached:" if cached else "cached: none")
+    for entry in cached:
+        refs = ", ".join(entry.refs) or "no branch"
+        click.echo(f"  {entry.name:<28} {entry.pinned}  ({refs})")
+    if on_hub:
+        models = list_hub(search=search)
+        click.echo("hub:" if models else "hub: no models tagged for zoo")
+        for model in models:
+            meta = model.zoo
+            kinds = ",".join(meta.get("layer_kinds") or []) or "?"
+            click.echo(
+                f"  {model.ref:<40} {meta.get('source_network', '?')} {kinds} "
+                f"features={meta.get('features', '?')} sha={(model.sha or '?')[:12]}"
+            )
 
 
 @main.command()
 @click.argument("ref")
 @_friendly
 def info(ref: str) -> None:
-    """Describe checkpoint REF (a shipped name or a folder)."""
+    """Describe checkpoint REF: a shipped name, a folder, or hf://owner/name[@revision]."""
     opt = zoo.load(ref)
     c = opt.config
-    click.echo(f"name:            {opt.name}  ({opt.path})")
+    recipe = c.get("recipe") or {}
+    click.echo(f"name:            {opt.name}  ({opt.source or opt.path})")
     click.echo(f"source network:  {c.get('source_network')}")
     click.echo(f"layer kinds:     {', '.join(opt.nets)}")
     click.echo(f"features:        {c['features']['set']} {c['features']['names']}")
     click.echo(f"curvature mode:  {opt.curvature_mode or 'not used'}")
     click.echo(f"update net:      {c['update_net']}")
     click.echo(f"horizon:         {c.get('training', {}).get('horizon')} steps")
+    click.echo(f"recipe:          {recipe.get('name', 'not recorded')}  ({c.get('command', '')})")
     click.echo(f"metrics:         {json.dumps(c.get('metrics', {}))}")
+
+
+# ---------------------------------------------------------------------- pull / publish
+
+
+def _hub_ref(ctx, param, value: str) -> str:
+    from zoo.errors import ConfigError
+    from zoo.hub import HubRef
+
+    try:
+        HubRef.parse(value)
+    except ConfigError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _repo_id(ctx, param, value: str) -> str:
+    if "@" in value:
+        raise click.BadParameter(f"{value!r}: give owner/name without a revision (use --branch)")
+    _hub_ref(ctx, param, f"hf://{value}")
+    return value
+
+
+@main.command()
+@click.argument("ref", callback=_hub_ref)
+@click.option(
+    "--revision", default=None, help="Branch, tag or commit sha (instead of @REV in REF)."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Fetch every file again, even if cached (repairs a damaged cache).",
+)
+@click.option(
+    "--local-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Download into this folder instead of the Hugging Face cache.",
+)
+@click.option(
+    "--offline", is_flag=True, help="Use only the cache, no network call (as HF_HUB_OFFLINE=1)."
+)
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Lock file (JSON): a branch found there is pulled at its locked commit, a new one is recorded.",
+)
+@click.option(
+    "--update",
+    is_flag=True,
+    help="With --lock: move the pin to the commit the branch points at now.",
+)
+@_friendly
+def pull(ref, revision, force, local_dir, offline, lock, update) -> None:
+    """Download checkpoint REF (hf://owner/name[@revision]) pinned to one commit, and verify it."""
+    from zoo import hub
+
+    if update and lock is None:
+        raise click.BadParameter("--update needs --lock FILE", param_hint="--update")
+    if force and offline:
+        raise click.BadParameter(
+            "--force re-downloads, so it cannot be --offline", param_hint="--force"
+        )
+    if local_dir is not None:
+        _writable_dir(local_dir)
+    result = hub.pull(
+        ref,
+        revision=revision,
+        force=force,
+        local_dir=local_dir,
+        offline=offline or None,
+        lock=lock,
+        update_lock=update,
+    )
+    where = "from the cache (offline)" if result.offline else f"commit {result.sha}"
+    click.echo(f"pulled {result.ref} {where}: {result.optimizer.name}, loads strictly")
+    click.echo(f"path:   {result.path}")
+    click.echo(f"pin:    {result.pinned}")
+    if result.locked:
+        click.echo(f"locked: {lock} keeps {result.ref} at {result.sha}")
+    if result.moved_from:
+        click.echo(
+            f"note: {result.ref.revision or 'main'} has moved on: {result.moved_from[:12]} -> "
+            f"{result.remote_sha[:12]}"
+            + (" (pass --update to move the lock)" if result.locked else ""),
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--repo", required=True, callback=_repo_id, help="Hub repo owner/name (created if missing)."
+)
+@click.option("--private", is_flag=True, help="Create the repo private (only when it is created).")
+@click.option(
+    "--branch", default=None, help="Branch to commit to (created from main); default main."
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Validate and show what would be uploaded; upload nothing."
+)
+@click.option(
+    "--message", default=None, help="Commit message (default: 'Publish NAME with zoo V')."
+)
+@_friendly
+def publish(directory, repo, private, branch, dry_run, message) -> None:
+    """Validate checkpoint folder DIRECTORY and upload it to the Hub in one commit."""
+    from zoo import hub
+
+    result = hub.publish(
+        directory, repo, private=private, branch=branch, dry_run=dry_run, message=message
+    )
+    for name, size in result.files.items():
+        click.echo(f"  {name:<18} {size:>10,} bytes")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if result.dry_run:
+        user = f" as {result.user}" if result.user else ""
+        click.echo(f"dry run: would publish to {repo}@{result.branch}{user}; nothing uploaded")
+        return
+    created = " (new repo)" if result.created_repo else ""
+    click.echo(f"published {directory} to {repo}@{result.branch}{created}")
+    click.echo(f"commit: {result.commit_url}")
+    click.echo(f"sha:    {result.sha}")
+    click.echo(f"pin:    {result.pinned}")
 
 
 # ---------------------------------------------------------------------- meta-train
@@ -316,6 +469,21 @@ opt.step()
     help="Adam learning rates to tune over (on a separate tuning seed).",
 )
 @click.option(
+    "--eval-examples",
+    type=int,
+    default=2048,
+    show_default=True,
+    callback=_positive,
+    help="Training examples the reported training loss is measured on.",
+)
+@click.option(
+    "--test-examples",
+    type=int,
+    default=None,
+    callback=_positive,
+    help="Test examples for the accuracy (default: the whole test split).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("runs/transfer"),
@@ -323,11 +491,14 @@ opt.step()
     help="Folder for the PNG plot and results JSON.",
 )
 @_friendly
-def transfer(src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, out) -> None:
+def transfer(
+    src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, eval_examples,
+    test_examples, out,
+) -> None:
     """Attach a learned optimizer per layer kind to --dst, train it, and compare with Adam."""
     from zoo import layer_kinds
     from zoo.data import load_dataset
-    from zoo.networks import build_network, count_parameters
+    from zoo.networks import build_network, count_parameters, get_network
     from zoo.train import (
         Method,
         adam,
@@ -340,6 +511,7 @@ def transfer(src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, 
     )
 
     pretrained = zoo.load(src)
+    get_network(dst)
     _writable_dir(out)
     data = load_dataset(dataset, data_root)
     probe = build_network(dst, data.input_shape, data.num_classes)
@@ -357,25 +529,17 @@ def transfer(src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, 
     )
     total = steps * len(adam_grid) + steps * seeds * 2
     with click.progressbar(length=total, label="training") as bar:
+        options = dict(
+            batch_size=batch_size,
+            eval_examples=eval_examples,
+            test_examples=test_examples,
+            progress=bar.update,
+        )
         best_lr, scores = tune_lr(
-            dst,
-            data,
-            adam,
-            adam_grid,
-            steps=steps,
-            seed=TUNING_SEED,
-            batch_size=batch_size,
-            progress=bar.update,
+            dst, data, adam, adam_grid, steps=steps, seed=TUNING_SEED, **options
         )
-        results = compare(
-            dst,
-            data,
-            [learned, adam(best_lr)],
-            steps=steps,
-            seeds=range(seeds),
-            batch_size=batch_size,
-            progress=bar.update,
-        )
+        methods = [learned, adam(best_lr)]
+        results = compare(dst, data, methods, steps=steps, seeds=range(seeds), **options)
     grid_text = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in scores.items())
     click.echo(
         f"Adam grid (final training loss on tuning seed {TUNING_SEED}): {grid_text}; best {best_lr:g}"

@@ -38,7 +38,7 @@ import torch
 
 from .curvature import curvature_pass
 from .data import Dataset, batch_sampler
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, UnknownNameError
 from .features import FeatureSpec, init_state
 from .layer_kinds import KINDS, assign
 from .networks import build_network, get_network, scale_init
@@ -189,9 +189,13 @@ def parse_recipe(raw: dict) -> Recipe:
 
 def _validate(recipe: Recipe) -> None:
     t, u, m = recipe.task, recipe.update_net, recipe.meta
-    get_network(t.network)
+    try:
+        get_network(t.network)
+        for v in recipe.validation:
+            get_network(v.network)
+    except UnknownNameError as error:
+        raise ConfigError(f"recipe: {error}") from error
     for v in recipe.validation:
-        get_network(v.network)
         if v.steps < 1:
             raise ConfigError(f"recipe [[validation]] steps must be >= 1, got {v.steps}")
     FeatureSpec(u.features)

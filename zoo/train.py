@@ -57,7 +57,7 @@ class RunRecord:
 REPORT_STEPS = (10, 25, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-def eval_points(steps: int, count: int = 25) -> list[int]:
+def eval_points(steps: int, count: int = 20) -> list[int]:
     """Steps at which the training loss is measured.
 
     0, ``count`` evenly spaced steps, the round numbers of ``REPORT_STEPS`` (the table's
@@ -97,14 +97,21 @@ def train_run(
     steps: int,
     seed: int,
     batch_size: int = 128,
+    eval_examples: int = EVAL_SUBSET,
+    test_examples: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> RunRecord:
-    """Train ``model`` (modified in place) with ``method`` for ``steps`` minibatches."""
+    """Train ``model`` (modified in place) with ``method`` for ``steps`` minibatches.
+
+    The training loss is measured on the first ``eval_examples`` training examples at
+    :func:`eval_points`; test accuracy on the first ``test_examples`` (default: all).
+    """
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     optimizer = method.make(model)
     batches = batch_sampler(data, batch_size, seed)
-    eval_x, eval_y = data.train_x[:EVAL_SUBSET], data.train_y[:EVAL_SUBSET]
+    eval_x, eval_y = data.train_x[:eval_examples], data.train_y[:eval_examples]
+    test_x, test_y = data.test_x[:test_examples], data.test_y[:test_examples]
     points = set(eval_points(steps))
     record_steps, losses = [0], [_loss_on(model, eval_x, eval_y)]
     started = time.perf_counter()
@@ -134,7 +141,7 @@ def train_run(
         seed=seed,
         steps=record_steps,
         train_loss=losses,
-        test_accuracy=accuracy(model, data.test_x, data.test_y),
+        test_accuracy=accuracy(model, test_x, test_y),
         seconds=seconds,
         skipped_steps=getattr(optimizer, "skipped_steps", 0),
     )
@@ -152,8 +159,8 @@ def tune_lr(
     *,
     steps: int,
     seed: int,
-    batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
+    **run_options,
 ) -> tuple[float, dict[float, float]]:
     """Pick the learning rate with the lowest final training loss on a *tuning* seed.
 
@@ -170,8 +177,8 @@ def tune_lr(
                 make(lr),
                 steps=steps,
                 seed=seed,
-                batch_size=batch_size,
                 progress=progress,
+                **run_options,
             )
             scores[lr] = record.train_loss[-1]
         except NonFiniteError:
@@ -187,8 +194,8 @@ def compare(
     *,
     steps: int,
     seeds: Sequence[int],
-    batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
+    **run_options,
 ) -> dict[str, list[RunRecord]]:
     """Every method on every seed, from the same initialisation and batches per seed."""
     results: dict[str, list[RunRecord]] = {m.name: [] for m in methods}
@@ -203,8 +210,8 @@ def compare(
                     method,
                     steps=steps,
                     seed=seed,
-                    batch_size=batch_size,
                     progress=progress,
+                    **run_options,
                 )
             )
     return results

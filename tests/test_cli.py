@@ -1,0 +1,102 @@
+"""The command line, end to end: real MNIST where it matters, bad input everywhere."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from zoo.checkpoint import load_checkpoint, save_checkpoint
+from zoo.features import FeatureSpec
+
+from .conftest import make_nets
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "ck"
+    config = {"name": "tiny-ck", "source_network": {"name": "small", "dataset": "mnist"}}
+    save_checkpoint(path, make_nets(perturb=0.05), FeatureSpec("gh"), config, "# tiny\n")
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_transfer_end_to_end_on_real_mnist(checkpoint, mnist_root, tmp_path):
+    out = tmp_path / "out"
+    result = _run(
+        "transfer", "--src", str(checkpoint), "--dst", "big", "--data-root", str(mnist_root),
+        "--steps", "4", "--seeds", "2", "--adam-grid", "1e-3,3e-3", "--out", str(out),
+        "--eval-examples", "256", "--test-examples", "500",
+    )
+    assert result.exit_code == 0, result.output
+    assert "data: MNIST: 10,000 train" in result.output
+    assert "conv1.weight" in result.output and "fc2.bias" in result.output
+    assert "total -> conv: 6 tensors / 14,048 coords, fc: 4 tensors / 38,282 coords" in result.output
+    assert "| zoo tiny-ck |" in result.output and "| Adam lr=" in result.output
+    png = out / "transfer-big-mnist.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads((out / "transfer-big-mnist.json").read_text())
+    assert set(payload["adam_grid"]) == {"0.001", "0.003"}
+    assert len(payload["runs"]["zoo tiny-ck"]) == 2
+
+
+def test_meta_train_writes_a_loadable_checkpoint(mnist_root, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "cli-tiny"\n[task]\nbatch_size = 16\n'
+        "[meta]\niterations = 2\nhorizon = 4\nunroll = 2\nvalidate_every = 2\n"
+        '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
+    )
+    out = tmp_path / "ck"
+    result = _run("meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root))
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(out)
+    assert loaded.name == "cli-tiny"
+    card = (out / "README.md").read_text()
+    assert "zoo meta-train" in card and "final meta-loss" in card
+    assert loaded.config["training"]["horizon"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--src", "{tmp}/missing"], "not a folder, not a shipped name"),
+        (["--src", "{corrupt}"], "model.safetensors is missing"),
+        (["--dst", "huge"], "unknown network 'huge'; known networks: big, small"),
+        (["--data-root", "{tmp}/nodata"], "does not exist or is not a folder"),
+        (["--steps", "-3"], "must be >= 1, got -3"),
+        (["--adam-grid", "fast"], "expected comma-separated numbers"),
+    ],
+)
+def test_transfer_bad_input_exits_non_zero_and_writes_nothing(args, message, checkpoint, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{}")
+    args = [a.format(tmp=tmp_path, corrupt=corrupt) for a in args]
+    if "--src" not in args:
+        args = ["--src", str(checkpoint), *args]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["transfer", *args, "--out", str(out), "--steps", "1"]
+                                if "--steps" not in args else ["transfer", *args, "--out", str(out)])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_meta_train_malformed_recipe_exits_non_zero_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('name = "x"\n[meta]\niterations = "many"\n')
+    out = tmp_path / "ck"
+    result = CliRunner().invoke(main, ["meta-train", str(recipe), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "[meta] iterations must be an integer, got 'many'" in result.output
+    assert not out.exists()
+
+
+def test_info_describes_a_checkpoint(checkpoint):
+    result = _run("info", str(checkpoint))
+    assert result.exit_code == 0
+    assert "h_rel" in result.output and "conv, fc" in result.output
