@@ -62,6 +62,7 @@ class PretrainedOptimizer:
     features: FeatureSpec
     config: dict = field(default_factory=dict)
     path: Path | None = None
+    source: str | None = None  # where it came from, e.g. "hf://owner/name@<sha>"
 
     @property
     def name(self) -> str:
@@ -187,7 +188,12 @@ def shipped_checkpoints() -> dict[str, Path]:
 
 
 def resolve(ref: str | os.PathLike) -> Path:
-    """A checkpoint reference → its folder: a shipped name or a local folder."""
+    """A checkpoint reference → its folder: a shipped name, a local folder, or
+    ``hf://owner/name[@revision]`` (downloaded, pinned to a commit; see :mod:`zoo.hub`)."""
+    if isinstance(ref, str) and ref.startswith("hf://"):
+        from .hub import pull
+
+        return pull(ref).path
     path = Path(ref)
     if path.is_dir():
         return path
@@ -199,7 +205,8 @@ def resolve(ref: str | os.PathLike) -> Path:
         return shipped[DEFAULT_SMALL] if DEFAULT_SMALL in shipped else next(iter(shipped.values()))
     known = ", ".join(sorted(shipped)) or "none shipped"
     raise CheckpointError(
-        f"no checkpoint {str(ref)!r}: not a folder and not a shipped name (shipped: {known})"
+        f"no checkpoint {str(ref)!r}: not a folder, not a shipped name (shipped: {known}) "
+        "and not a Hub reference (hf://owner/name[@revision])"
     )
 
 
@@ -207,7 +214,11 @@ DEFAULT_SMALL = "lstm2-gh-mnist-small"
 
 
 def load_checkpoint(ref: str | os.PathLike) -> PretrainedOptimizer:
-    """Load and validate a checkpoint folder (or shipped name) strictly."""
+    """Load and validate a checkpoint strictly: a folder, a shipped name or an ``hf://`` ref."""
+    if isinstance(ref, str) and ref.startswith("hf://"):
+        from .hub import load as load_from_hub
+
+        return load_from_hub(ref)  # pulls (or reuses the cache), verifies, loads strictly
     directory = resolve(ref)
     config_path, weights_path = directory / CONFIG, directory / WEIGHTS
     for path in (config_path, weights_path):
