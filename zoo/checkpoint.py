@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +76,32 @@ class PretrainedOptimizer:
         )
 
     def attach(
-        self, model: nn.Module, *, other: str = "adam", other_lr: float = 1e-3
+        self,
+        model: nn.Module,
+        *,
+        other: str = "adam",
+        other_lr: float = 1e-3,
+        curvature_mode: str | None = None,
     ) -> LearnedOptimizer:
-        """A fresh optimizer for ``model`` using copies of these update nets."""
+        """A fresh optimizer for ``model`` using copies of these update nets.
+
+        ``curvature_mode``: the mode you will train with, if you want it checked now; a
+        mode other than :attr:`curvature_mode` warns here, and the optimizer warns at the
+        first step whose second derivatives came from another mode either way.
+        """
+        expected = self.curvature_mode
+        if curvature_mode is not None and expected is not None and curvature_mode != expected:
+            warnings.warn(
+                f"checkpoint {self.name!r} was meta-trained with curvature mode {expected!r}, "
+                f"not {curvature_mode!r}; its update nets will see second derivatives of "
+                "another distribution",
+                UserWarning,
+                stacklevel=2,
+            )
         nets = {kind: _copy_net(net) for kind, net in self.nets.items()}
-        return LearnedOptimizer(model, nets, self.features, other=other, other_lr=other_lr)
+        return LearnedOptimizer(
+            model, nets, self.features, other=other, other_lr=other_lr, curvature_mode=expected
+        )
 
 
 def _copy_net(net: UpdateNet) -> UpdateNet:

@@ -15,13 +15,14 @@ Use it with the curvature pass, which stores each parameter's second derivative:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .curvature import hessian_diag_of
+from .curvature import curvature_mode_of, hessian_diag_of
 from .errors import CheckpointError, ConfigError
 from .features import FeatureSpec, FeatureState, compute_features, init_state
 from .layer_kinds import Assignment, assign
@@ -99,6 +100,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         other: policy for parameters of other layer kinds (see :mod:`zoo.layer_kinds`).
         other_lr: learning rate of the Adam that takes ``other`` parameters under
             ``other="adam"``.
+        curvature_mode: the curvature mode the nets were meta-trained with (a checkpoint's
+            ``curvature.mode``); the first step whose second derivatives come from another
+            mode warns (``UserWarning``), since the nets then see inputs of another
+            distribution. A warning, not an error: checking with ``mode="exact"`` is
+            legitimate.
 
     ``state_dict()`` is keyed by parameter name; ``load_state_dict`` checks names and
     shapes and names any mismatch. Steps whose gradient or second derivative holds NaN or
@@ -113,6 +119,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         *,
         other: str = "adam",
         other_lr: float = 1e-3,
+        curvature_mode: str | None = None,
     ):
         if not other_lr > 0:
             raise ConfigError(f"other_lr must be > 0, got {other_lr}")
@@ -146,6 +153,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self.nets[group["route"]].to(device).init_state(layout.total, device),
             )
         self.skipped_steps = 0
+        self.curvature_mode = curvature_mode
+        self._mode_warned = False
 
     # ------------------------------------------------------------------ stepping
 
@@ -169,6 +178,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 grads.append(p.grad.reshape(-1).float())
                 if self.features.uses_curvature:
                     hessians.append(hessian_diag_of(p, name).reshape(-1).float())
+                    self._check_mode(p, name)
             g = torch.cat(grads)
             h = torch.cat(hessians) if hessians else None
             finite &= bool(torch.isfinite(g).all()) and (h is None or bool(torch.isfinite(h).all()))
@@ -186,6 +196,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self._fallback is not None:
             self._fallback.step()
         return loss
+
+    def _check_mode(self, p: Tensor, name: str) -> None:
+        used = curvature_mode_of(p)
+        if self._mode_warned or self.curvature_mode is None or used in (None, self.curvature_mode):
+            return
+        self._mode_warned = True
+        warnings.warn(
+            f"{name}'s second derivative comes from curvature mode {used!r}, but the update "
+            f"nets were meta-trained with {self.curvature_mode!r}; pass "
+            f"mode={self.curvature_mode!r} to zoo.curvature.backward to match",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _step_kind(self, net, ks: _KindState, active: list[int], g: Tensor, h) -> None:
         layout = ks.layout
