@@ -128,7 +128,8 @@ def info(ref: str) -> None:
     click.echo(f"curvature mode:  {opt.curvature_mode or 'not used'}")
     click.echo(f"update net:      {c['update_net']}")
     click.echo(f"horizon:         {c.get('training', {}).get('horizon')} steps")
-    click.echo(f"recipe:          {recipe.get('name', 'not recorded')}  ({c.get('command', '')})")
+    command = f"  ({c['command']})" if c.get("command") else ""
+    click.echo(f"recipe:          {recipe.get('name', 'not recorded')}{command}")
     click.echo(f"metrics:         {json.dumps(c.get('metrics', {}))}")
 
 

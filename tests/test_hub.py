@@ -390,6 +390,13 @@ def test_cli_publish_pull_list_info(hub, hub_env):
     pulled = runner.invoke(main, ["pull", f"hf://{REPO}"])
     assert pulled.exit_code == 0, pulled.output
     assert f"hf://{REPO}@" in pulled.output
+    publish(make_checkpoint(hub_env / "v2" / "lstm-tiny", seed=2), REPO)
+    moved = runner.invoke(main, ["pull", f"hf://{REPO}"])
+    assert moved.exit_code == 0 and "main has moved on" in moved.output, moved.output
+    before = len(hub.hits)
+    offline = runner.invoke(main, ["pull", f"hf://{REPO}", "--offline"])
+    assert offline.exit_code == 0 and "from the cache (offline)" in offline.output, offline.output
+    assert len(hub.hits) == before, "an offline pull made a request"
     listed = runner.invoke(main, ["list", "--hub"])
     assert listed.exit_code == 0, listed.output
     assert f"hf://{REPO}@" in listed.output and "hub:" in listed.output
