@@ -402,6 +402,8 @@ def meta_train(
         scores = [
             _score(evaluate_nets(nets, spec, data, v, t.batch_size)) for v in recipe.validation
         ]
+        per_task = zip(recipe.validation, scores, strict=True)
+        logger.info("validation: %s", ", ".join(f"{v.network} {s:.4f}" for v, s in per_task))
         return sum(scores) / len(scores)
 
     history, validation = [], []

@@ -274,7 +274,7 @@ def plot_curves(results: dict[str, list[RunRecord]], path, title: str) -> None:
             ax.fill_between(steps, curves.min(0).values, curves.max(0).values, alpha=0.15)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (fixed {EVAL_SUBSET}-example subset)")
+    ax.set_ylabel("training loss (fixed subset of the training split)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
