@@ -151,10 +151,14 @@ class _Recorder(fx.Interpreter):
     its curvature rule needs the mask.
     """
 
-    def __init__(self, module: fx.GraphModule):
+    def __init__(self, module: fx.GraphModule, allow_inplace: bool = True):
         super().__init__(module)
+        # In place would re-base an overwritten output's autograd history, and
+        # ``activation="full"`` differentiates with respect to node outputs.
+        self.allow_inplace = allow_inplace
         self.values: dict[fx.Node, object] = {}
         self.masks: dict[fx.Node, Tensor] = {}
+        self.indices: dict[fx.Node, Tensor] = {}  # max-pooling argmax per output
 
     def run_node(self, node: fx.Node):
         value = self._run(node)
@@ -165,14 +169,37 @@ class _Recorder(fx.Interpreter):
         if node.op == "call_module":
             submodule = self.module.get_submodule(node.target)
             args, kwargs = self.fetch_args_kwargs_from_env(node)
+            if isinstance(submodule, nn.MaxPool1d | nn.MaxPool2d) and not submodule.return_indices:
+                # Keep the argmax: the curvature rule scatters through it instead of
+                # pooling a second time (pooling is a large share of small nets' time).
+                pool = F.max_pool1d if isinstance(submodule, nn.MaxPool1d) else F.max_pool2d
+                value, self.indices[node] = pool(
+                    args[0],
+                    submodule.kernel_size,
+                    submodule.stride,
+                    submodule.padding,
+                    submodule.dilation,
+                    ceil_mode=submodule.ceil_mode,
+                    return_indices=True,
+                )
+                return value
             if isinstance(submodule, _DROPOUTS):
                 if not (submodule.training and submodule.p > 0):
                     return args[0]
                 mask = submodule(torch.ones_like(args[0]))
                 self.masks[node] = mask
                 return args[0] * mask
-            if getattr(submodule, "inplace", False):
-                args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            if getattr(submodule, "inplace", False) and not (
+                self.allow_inplace and _sole_user(node)
+            ):
+                # Another consumer reads the tensor an in-place op would overwrite: run it
+                # out of place (one pass over memory, unlike a clone). With this node as
+                # the only consumer the overwrite is harmless, and in place saves memory.
+                submodule.inplace = False
+                try:
+                    return submodule(*args, **kwargs)
+                finally:
+                    submodule.inplace = True
             return submodule(*args, **kwargs)
         if node.op == "call_function":
             if node.target in _INPLACE_FUNCTIONS:
@@ -193,6 +220,12 @@ class _Recorder(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             return getattr(args[0], _INPLACE_METHODS[node.target])(*args[1:], **kwargs)
         return super().run_node(node)
+
+
+def _sole_user(node: fx.Node) -> bool:
+    """Whether ``node`` is the only consumer of its input (so it may overwrite it)."""
+    arg = node.args[0] if node.args else None
+    return isinstance(arg, fx.Node) and arg.op != "placeholder" and len(arg.users) == 1
 
 
 def _bind_dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002 - F.dropout's names
@@ -274,8 +307,9 @@ Contributions = tuple[list[tuple[fx.Node, Tensor]], dict[str, Tensor]]
 @dataclass
 class _Context:
     gm: fx.GraphModule
-    values: Mapping[fx.Node, object]  # every node's value, detached
+    values: dict[fx.Node, object]  # every node's value, detached; released as consumed
     masks: Mapping[fx.Node, Tensor]  # dropout masks (already divided by 1 - p)
+    indices: Mapping[fx.Node, Tensor]  # max-pooling argmax (flat index in each plane)
     grads_at: Mapping[fx.Node, Tensor]  # dL/d(node output), only for activation="full"
     lookup: Callable[[str], Tensor]  # parameter name -> detached tensor
     needs_h: set[fx.Node]  # nodes that depend on a parameter: only these need curvature
@@ -410,7 +444,20 @@ def _batchnorm(ctx: _Context, node: fx.Node, h_y: Tensor) -> Contributions:
 def _relu(ctx: _Context, node: fx.Node, h_y: Tensor) -> Contributions:
     # relu(x) > 0 exactly where x > 0 (in-place ReLU ran out of place, so y is intact).
     y = ctx.values[node]
-    return ctx.to_input(node, h_y * (y > 0).to(h_y.dtype)), {}
+    return ctx.to_input(node, torch.ops.aten.threshold_backward(h_y, y, 0)), {}
+
+
+def _maxpool(ctx: _Context, node: fx.Node, h_y: Tensor) -> Contributions:
+    # Max-pooling's Jacobian is a 0/1 selection (J² = J): h goes to each window's argmax,
+    # summed where windows overlap — a scatter-add through the indices the forward kept.
+    if node.args[0] not in ctx.needs_h:
+        return [], {}
+    x, index = ctx.x(node), ctx.indices[node]
+    spatial = 2 if isinstance(ctx.module(node), nn.MaxPool2d) else 1
+    lead = x.shape[: x.dim() - spatial]
+    h = h_y.new_zeros(*lead, math.prod(x.shape[x.dim() - spatial :]))
+    h.scatter_add_(-1, index.flatten(-spatial), h_y.flatten(-spatial))
+    return ctx.to_input(node, h.reshape(x.shape)), {}
 
 
 def _leaky_relu(ctx: _Context, node: fx.Node, h_y: Tensor) -> Contributions:
@@ -589,7 +636,7 @@ _MODULE_RULES: tuple[tuple[type | tuple[type, ...], Callable], ...] = (
     (nn.ReLU, _relu),
     (nn.LeakyReLU, _leaky_relu),
     (_SMOOTH_MODULES, _smooth_module),
-    ((nn.MaxPool1d, nn.MaxPool2d), _select),
+    ((nn.MaxPool1d, nn.MaxPool2d), _maxpool),
     (nn.AvgPool2d, _avgpool),
     ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d), _adaptive_avgpool),
     ((nn.Flatten, nn.Unflatten), _reshape),
@@ -772,6 +819,7 @@ def _backward_curvature(
     for node in reversed(ctx.gm.graph.nodes):
         h_y = h_of.pop(node, None)
         if h_y is None or node in blocked or node.op in ("placeholder", "output"):
+            ctx.values.pop(node, None)
             continue
         if node.op == "get_attr":  # a parameter used directly, e.g. ``x + self.offset``
             add_param(node.target, h_y)
@@ -784,6 +832,9 @@ def _backward_curvature(
             if arg in ctx.needs_h:
                 h = _sum_to(h, ctx.values[arg].shape)
                 h_of[arg] = h_of[arg] + h if arg in h_of else h
+        # Its users come later in the graph, so they are done: the value is not read again.
+        # Releasing activations as the recursion passes them keeps the peak near a backward's.
+        ctx.values.pop(node, None)
     return h_params
 
 
@@ -927,6 +978,7 @@ def curvature_pass(
     refresh_every: int = 1,
     chunk_size: int = DEFAULT_CHUNK,
     generator: torch.Generator | None = None,
+    loss_scale: float = 1.0,
 ) -> CurvatureResult:
     """Gradient and diagonal second derivative of ``loss(model(inputs), target)``.
 
@@ -953,6 +1005,10 @@ def curvature_pass(
             model and reuse the last one in between (cost amortised over ``k`` steps).
         chunk_size: vector–Jacobian products per batched backward (exact, Hutchinson).
         generator: random source of the Rademacher vectors.
+        loss_scale: differentiate ``loss_scale · loss`` (mixed-precision loss scaling, so
+            fp16 backward values do not underflow); the gradients *and* the second
+            derivatives come back multiplied by it (``h`` is linear in the loss too) —
+            unscale both before use. ``result.loss`` stays unscaled.
 
     Returns:
         A :class:`CurvatureResult` with detached ``grads`` and ``hessian_diag``.
@@ -972,13 +1028,16 @@ def curvature_pass(
     result_node = next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0]
     if not isinstance(result_node, fx.Node):
         raise CurvatureError("the model's forward must return a single tensor of logits")
-    recorder = _Recorder(gm)
+    recorder = _Recorder(gm, allow_inplace=activation != "full")
     # torch.func.functional_call cannot wrap an Interpreter run: swap the tensors in by hand.
     with _swapped(gm, params):
         output = recorder.run(inputs)
     if not isinstance(output, Tensor):
         raise CurvatureError("the model's forward must return a single tensor of logits")
     loss_value = _loss_value(output, target, loss)
+    if not (isinstance(loss_scale, int | float) and math.isfinite(loss_scale) and loss_scale > 0):
+        raise CurvatureError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
+    scaled = loss_value * loss_scale if loss_scale != 1.0 else loss_value
 
     hessian: dict[str, Tensor] = {}
     estimated: list[str] = []
@@ -1010,7 +1069,7 @@ def curvature_pass(
         reused = _reuse_estimate(model, key, refresh_every) if chosen else None
         second_order = bool(chosen) and reused is None
         all_grads = torch.autograd.grad(
-            loss_value,
+            scaled,
             tensors + [recorder.values[n] for n in smooth],
             retain_graph=keep_graph or second_order,
             create_graph=second_order,
@@ -1031,30 +1090,35 @@ def curvature_pass(
             hessian.update(reused)
             estimated = sorted(reused)
         with torch.no_grad():
+            detached = {node: _detach(v) for node, v in recorder.values.items()}
+            recorder.values.clear()  # the recursion releases activations as it goes
             ctx = _Context(
                 gm,
-                {node: _detach(v) for node, v in recorder.values.items()},
+                detached,
                 recorder.masks,
+                recorder.indices,
                 {n: g.detach() for n, g in zip(smooth, node_grads, strict=True) if g is not None},
                 lambda name: params[name].detach(),
                 facts.needs_h,
                 activation,
             )
             h_out = output_curvature(output, target, loss)
+            if loss_scale != 1.0:
+                h_out = h_out * loss_scale
             recursed = _backward_curvature(ctx, result_node, h_out, set(facts.unsupported))
         for name, h in recursed.items():
             if name in params and name not in stochastic:
                 # Gauss–Newton curvature is a sum of non-negative terms; what falls below
                 # zero is round-off of the convolution kernels (seen at ~1e-10 of the max).
-                hessian[name] = h.clamp_min(0) if activation == "gauss_newton" else h
+                hessian[name] = h.clamp_min_(0) if activation == "gauss_newton" else h
     elif mode == "exact":
-        grads = torch.autograd.grad(loss_value, tensors, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(scaled, tensors, retain_graph=True, allow_unused=True)
         for name, h in zip(names, _exact_ggn(output, loss, tensors, chunk_size), strict=True):
-            hessian[name] = h
+            hessian[name] = h * loss_scale if loss_scale != 1.0 else h
     else:  # hutchinson
         reused = _reuse_estimate(model, key, refresh_every)
         grads = torch.autograd.grad(
-            loss_value,
+            scaled,
             tensors,
             retain_graph=keep_graph or reused is None,
             create_graph=reused is None,
@@ -1148,14 +1212,17 @@ def backward(
     for name, p in params.items():
         accumulate = p.grad is not None and _curvature_matches(p)
         g, h = result.grads[name], result.hessian_diag[name]
+        if name in result.estimated:
+            h = h.clone()  # a Hutchinson estimate may be cached for reuse: keep it intact
+        # Otherwise both are fresh tensors of this pass: store them without a copy.
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g
         else:
             p.grad.add_(g)
         if accumulate:
             p.hessian_diag.add_(h)
         else:
-            p.hessian_diag = h.clone()
+            p.hessian_diag = h
         p._zoo_grad_token = (weakref.ref(p.grad), p.grad._version)
         p._zoo_curvature_mode = result.mode
     return result.loss
