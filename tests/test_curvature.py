@@ -21,7 +21,6 @@ from zoo.networks import build_network
 from zoo.optimizer import LearnedOptimizer
 from zoo.update_net import UpdateNet
 
-torch.set_default_dtype(torch.float64)
 RTOL = 1e-5
 
 
@@ -261,6 +260,7 @@ def _rule_instances():
 )
 def test_each_rule_maps_curvature_by_the_squared_jacobian(op, shape):
     """h at the op's input equals ``(J²)ᵀ h_out``, ``J`` the op's brute-force Jacobian."""
+    op = op.double()  # built at collection time, in the default dtype
     x = torch.randn(*shape)
     if isinstance(op, nn.modules.batchnorm._BatchNorm) and not op.training:
         op.running_mean.uniform_(-1, 1)
@@ -300,6 +300,7 @@ def test_conv_weight_rule_is_exact_under_a_diagonal_output_hessian(op):
     # Under squared error the output Hessian is diagonal (2I), so Σ_p h_y x_p² is exact for
     # the weights of a conv that is the last layer. (Under cross-entropy it is not: a conv
     # weight touches every position of a sample, and the positions' logits interact.)
+    op = op.double()
     x = torch.randn(3, op.in_channels, 5, 5)
     net = nn.Sequential(op, nn.Flatten())
     with torch.no_grad():
