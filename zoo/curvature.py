@@ -1210,7 +1210,9 @@ def backward(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     result = curvature_pass(model, inputs, target, loss=loss, params=params, mode=mode, **options)
     for name, p in params.items():
-        accumulate = p.grad is not None and _curvature_matches(p)
+        # Accumulate like .grad does, unless the gradient was zeroed in place since
+        # (zero_grad(set_to_none=False)), which resets the curvature too.
+        accumulate = p.grad is not None and _curvature_matches(p) and bool(p.grad.any())
         g, h = result.grads[name], result.hessian_diag[name]
         if name in result.estimated:
             h = h.clone()  # a Hutchinson estimate may be cached for reuse: keep it intact
@@ -1223,17 +1225,17 @@ def backward(
             p.hessian_diag.add_(h)
         else:
             p.hessian_diag = h
-        p._zoo_grad_token = (weakref.ref(p.grad), p.grad._version)
+        p._zoo_grad_token = weakref.ref(p.grad)
         p._zoo_curvature_mode = result.mode
     return result.loss
 
 
 def _curvature_matches(p: Tensor) -> bool:
+    # The curvature belongs to the gradient tensor it was computed with. In-place changes
+    # to that tensor (clipping, GradScaler.unscale_) keep it valid; a new gradient tensor
+    # (after zero_grad(), whose default is set_to_none=True, and a plain backward) does not.
     token = getattr(p, "_zoo_grad_token", None)
-    if token is None or p.grad is None:
-        return False
-    ref, version = token
-    return ref() is p.grad and p.grad._version == version
+    return token is not None and p.grad is not None and token() is p.grad
 
 
 def curvature_mode_of(p: Tensor) -> str | None:
