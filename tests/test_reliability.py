@@ -590,3 +590,31 @@ def test_non_finite_steps_are_skipped_and_counted():
     assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
     for name, entry in opt.state_dict()["state"].items():
         assert all(torch.equal(v, state["state"][name][k]) for k, v in entry.items())
+
+
+# ---------------------------------------------------------------------- CLI edge
+
+
+def test_meta_train_cli_resumes_and_validates_its_new_options(mnist_root, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "cli-tiny"\n[task]\nbatch_size = 16\n'
+        "[meta]\niterations = 2\nhorizon = 4\nunroll = 1\nvalidate_every = 2\n"
+        '[[validation]]\nnetwork = "small"\nsteps = 1\nseeds = [5]\n'
+    )
+    out = tmp_path / "ck"
+    args = ["meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root)]
+    first = CliRunner().invoke(main, [*args, "--save-every", "2"])
+    assert first.exit_code == 0, first.output
+    assert "skipped non-finite meta-iterations: 0" in first.output
+    assert (tmp_path / "ck.meta-state" / "meta_state.json").is_file()
+    again = CliRunner().invoke(main, [*args, "--resume", "--iterations", "3"])
+    assert again.exit_code == 0, again.output
+    bad = CliRunner().invoke(main, [*args, "--save-every", "-1"])
+    assert bad.exit_code == 2 and "-1 is not in the range x>=0" in bad.output
+    missing = CliRunner().invoke(main, [*args, "--resume", "--state-dir", str(tmp_path / "no")])
+    assert missing.exit_code == 1 and "no meta-training state to resume" in missing.output
