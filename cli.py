@@ -44,8 +44,8 @@ def _grid(ctx, param, value: str) -> list[float]:
         grid = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if not grid or any(not v > 0 for v in grid):
-        raise click.BadParameter(f"expected positive learning rates, got {value!r}")
+    if not grid or any(not (v > 0 and v != float("inf")) for v in grid):
+        raise click.BadParameter(f"expected positive, finite learning rates, got {value!r}")
     return grid
 
 
@@ -284,9 +284,31 @@ def publish(directory, repo, private, branch, dry_run, message) -> None:
     callback=_positive,
     help="Override the recipe's meta.iterations (for quick trials).",
 )
+@click.option(
+    "--save-every",
+    type=click.IntRange(min=0),
+    default=25,
+    show_default=True,
+    help="Save the resumable meta-training state every K iterations (0: never).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the resumable state; default: OUT's sibling OUT.meta-state.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue from the state in --state-dir (same recipe)."
+)
 @_friendly
 def meta_train_command(
-    recipe: Path, out: Path, data_root: Path | None, iterations: int | None
+    recipe: Path,
+    out: Path,
+    data_root: Path | None,
+    iterations: int | None,
+    save_every: int,
+    state_dir: Path | None,
+    resume: bool,
 ) -> None:
     """Meta-train an optimizer as RECIPE (TOML) says and save it to --out."""
     import dataclasses
@@ -299,6 +321,9 @@ def meta_train_command(
     if iterations is not None:
         plan = dataclasses.replace(plan, meta=dataclasses.replace(plan.meta, iterations=iterations))
     _writable_dir(out)
+    state_dir = state_dir or out.with_name(out.name + ".meta-state")
+    if save_every or resume:
+        _writable_dir(state_dir)
     data = load_dataset(plan.task.dataset, data_root)
     click.echo(f"data: {data.source}")
     started = time.perf_counter()
@@ -312,7 +337,14 @@ def meta_train_command(
         def progress(i, total, meta_loss):
             bar.update(1, f"meta-loss {meta_loss:.4f}")
 
-        result = meta_train(plan, data, progress=progress)
+        result = meta_train(
+            plan,
+            data,
+            progress=progress,
+            state_dir=state_dir if (save_every or resume) else None,
+            save_every=save_every,
+            resume=resume,
+        )
     minutes = (time.perf_counter() - started) / 60
     command = "zoo meta-train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     config = _checkpoint_config(plan, data, result, command, minutes)
@@ -322,6 +354,10 @@ def meta_train_command(
         f"best validation score {result.best_score:.4f} at iteration {result.best_iteration} "
         f"(untrained = Adam lr={plan.update_net.init_lr:g}: {result.validation[0][1]:.4f}); "
         f"{minutes:.1f} min"
+    )
+    click.echo(
+        f"skipped non-finite meta-iterations: {result.skipped}"
+        + (f"; resumable state in {state_dir}" if save_every else "")
     )
     click.echo(f"wrote {out}")
 
@@ -337,6 +373,7 @@ def _checkpoint_config(plan, data, result, command, minutes) -> dict:
             "input_shape": list(data.input_shape),
         },
         "curvature": {"mode": "diagonal"},
+        "per_layer": plan.update_net.per_layer,
         "training": {
             "horizon": plan.meta.horizon,
             "unroll": plan.meta.unroll,
@@ -415,6 +452,13 @@ opt.step()
 # ---------------------------------------------------------------------- transfer
 
 
+def _attach(pretrained, model, *, options):
+    """``pretrained.attach(model)`` evaluated with the scale ``options``."""
+    optimizer = pretrained.attach(model)
+    optimizer.configure(options)
+    return optimizer
+
+
 @main.command()
 @click.option(
     "--src",
@@ -423,11 +467,15 @@ opt.step()
     help="Optimizer to transfer: 'small' (the shipped one meta-trained on small), a shipped name or a checkpoint folder.",
 )
 @click.option(
-    "--dst", default="big", show_default=True, help="Network to train (see README: small, big)."
+    "--dst",
+    default="big",
+    show_default=True,
+    help="Network to train: small, big, a torchvision model (resnet18, resnet50, vgg11, ...; "
+    "untrained) or a factory package.module:function.",
 )
 @click.option(
     "--dataset",
-    type=click.Choice(["mnist", "cifar10"]),
+    type=click.Choice(["mnist", "cifar10", "imagenet"]),
     default="mnist",
     show_default=True,
     help="Dataset to train on.",
@@ -457,10 +505,9 @@ opt.step()
 @click.option(
     "--batch-size",
     type=int,
-    default=128,
-    show_default=True,
+    default=None,
     callback=_positive,
-    help="Minibatch size.",
+    help="Minibatch size (default: 128; 32 for imagenet).",
 )
 @click.option(
     "--adam-grid",
@@ -468,6 +515,49 @@ opt.step()
     show_default=True,
     callback=_grid,
     help="Adam learning rates to tune over (on a separate tuning seed).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Forward/backward precision (autocast); fp16 adds dynamic loss scaling. "
+    "Optimizers always run in fp32.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=4,
+    show_default=True,
+    help="DataLoader worker processes for imagenet (0: load in the main process).",
+)
+@click.option(
+    "--chunk-size",
+    default="auto",
+    show_default=True,
+    help="Coordinates per chunk of the fused update-net evaluation; 'auto': the one-shot "
+    "path up to 1M parameters, 16384 above; 'off': always one-shot.",
+)
+@click.option(
+    "--lstm-state",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Storage type of the update nets' per-coordinate LSTM state (bf16 halves it).",
+)
+@click.option(
+    "--hessian-every",
+    type=int,
+    default=1,
+    show_default=True,
+    callback=_positive,
+    help="Recompute the second derivative every k steps (reused in between).",
 )
 @click.option(
     "--eval-examples",
@@ -493,12 +583,15 @@ opt.step()
 )
 @_friendly
 def transfer(
-    src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, eval_examples,
-    test_examples, out,
+    src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, device, precision,
+    workers, chunk_size, lstm_state, hessian_every, eval_examples, test_examples, out,
 ) -> None:
     """Attach a learned optimizer per layer kind to --dst, train it, and compare with Adam."""
+    import torch
+
     from zoo import layer_kinds
     from zoo.data import load_dataset
+    from zoo.fast_update import DEFAULT_CHUNK, UpdateOptions
     from zoo.networks import build_network, count_parameters, get_network
     from zoo.train import (
         Method,
@@ -506,6 +599,7 @@ def transfer(
         compare,
         markdown_table,
         plot_curves,
+        resolve_device,
         steps_to_reach,
         summarise,
         tune_lr,
@@ -514,18 +608,54 @@ def transfer(
     pretrained = zoo.load(src)
     get_network(dst)
     _writable_dir(out)
+    device = resolve_device(device)
     data = load_dataset(dataset, data_root)
+    if dataset == "imagenet":
+        data.workers = workers
+    batch_size = batch_size or (32 if dataset == "imagenet" else 128)
     probe = build_network(dst, data.input_shape, data.num_classes)
+    if chunk_size == "auto":
+        chunk = DEFAULT_CHUNK if count_parameters(probe) > 1_000_000 else None
+    elif chunk_size == "off":
+        chunk = None
+    elif chunk_size.isdigit() and int(chunk_size) > 0:
+        chunk = int(chunk_size)
+    else:
+        raise click.BadParameter(f"expected auto, off or a positive integer, got {chunk_size!r}")
+    update_options = UpdateOptions(
+        chunk_size=chunk,
+        state_dtype=torch.bfloat16 if lstm_state == "bf16" else torch.float32,
+        hessian_every=hessian_every,
+    )
     source = pretrained.config.get("source_network", {})
     click.echo(f"data: {data.source}")
     click.echo(
         f"optimizer: {pretrained.name} (meta-trained on {source.get('name')}/{source.get('dataset')}, "
         f"features {pretrained.features.name}) -> {dst} ({count_parameters(probe):,} parameters)"
     )
-    click.echo(layer_kinds.report(pretrained.attach(probe).assignments))
+    # The report needs only the routing, not an optimizer's per-coordinate state (GBs here).
+    assignments = (
+        pretrained.attach(probe).assignments
+        if pretrained.per_layer
+        else layer_kinds.assign(probe, tuple(pretrained.nets), "adam")
+    )
+    click.echo(layer_kinds.report(assignments))
+    kinds = {}
+    for a in assignments:
+        tensors, coords = kinds.get(a.kind, (0, 0))
+        kinds[a.kind] = (tensors + 1, coords + a.param.numel())
+    click.echo(
+        "per layer kind: "
+        + ", ".join(f"{k}: {t} tensors / {c:,} coords" for k, (t, c) in sorted(kinds.items()))
+    )
+    click.echo(
+        f"device {device}, precision {precision}, update: "
+        f"{'chunks of ' + str(chunk) if chunk else 'one-shot'}, LSTM state {lstm_state}, "
+        f"second derivative every {hessian_every} step(s)"
+    )
     learned = Method(
         f"zoo {pretrained.name}",
-        pretrained.attach,
+        functools.partial(_attach, pretrained, options=update_options),
         needs_curvature=pretrained.features.uses_curvature,
     )
     total = steps * len(adam_grid) + steps * seeds * 2
@@ -535,6 +665,8 @@ def transfer(
             eval_examples=eval_examples,
             test_examples=test_examples,
             progress=bar.update,
+            device=device,
+            precision=precision,
         )
         best_lr, scores = tune_lr(
             dst, data, adam, adam_grid, steps=steps, seed=TUNING_SEED, **options
@@ -556,6 +688,8 @@ def transfer(
     table = markdown_table(header, rows)
     click.echo(f"\n{dst} on {dataset}, {steps} steps, mean ± sd over {seeds} seed(s):\n")
     click.echo(table)
+    skipped = sum(r.skipped_steps for r in results[learned.name])
+    click.echo(f"\nskipped non-finite steps (zoo optimizer, all seeds): {skipped}")
     click.echo(
         f"\nsteps for zoo to reach Adam's final loss ({adam_final:.4f}): "
         + (f"{reach} ({reach / steps:.2f}x Adam's {steps})" if reach else f"not reached in {steps}")
@@ -575,8 +709,245 @@ def transfer(
         "table": table,
         "runs": {name: [r.__dict__ for r in records] for name, records in results.items()},
     }
-    (out / f"transfer-{dst}-{dataset}.json").write_text(json.dumps(payload, indent=2, default=str))
+    from zoo.safe_io import atomic_write_text
+
+    atomic_write_text(  # temp name + fsync + rename: a killed run leaves no torn JSON
+        out / f"transfer-{dst}-{dataset}.json", json.dumps(payload, indent=2, default=str)
+    )
     click.echo(f"plot: {png}")
+
+
+# ---------------------------------------------------------------------- bench
+
+
+def _names(choices):
+    def parse(ctx, param, value: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise click.BadParameter(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(choices)}"
+            )
+        return names
+
+    return parse
+
+
+def _grid_option(method: str, default: tuple[float, ...]):
+    return click.option(
+        f"--{method}-grid",
+        f"{method}_grid",
+        default=",".join(f"{v:g}" for v in default),
+        show_default=True,
+        callback=_grid,
+        help=f"{method} learning rates to tune over on the tuning seed"
+        + (" (SOU: the step size α)." if method == "sou" else "."),
+    )
+
+
+@main.command()
+@click.option(
+    "--datasets",
+    default="mnist,cifar10",
+    show_default=True,
+    callback=_names(("mnist", "cifar10")),
+    help="Comma-separated datasets.",
+)
+@click.option(
+    "--networks",
+    default="small,big",
+    show_default=True,
+    callback=_names(("small", "big")),
+    help="Comma-separated networks; learned optimizers reach `big` by transfer from `small`.",
+)
+@click.option(
+    "--methods",
+    default=",".join(("sgd", "rmsprop", "adam", "sou", "lstm-g", "lstm-gh", "lstm-layer", "joint")),
+    show_default=True,
+    callback=_names(("sgd", "rmsprop", "adam", "sou", "lstm-g", "lstm-gh", "lstm-layer", "joint")),
+    help="Comma-separated methods (see `zoo.bench`); `joint` is joint mode.",
+)
+@click.option(
+    "--seeds",
+    type=int,
+    default=5,
+    show_default=True,
+    callback=_positive,
+    help="Reported seeds 0..N-1.",
+)
+@click.option(
+    "--steps", type=int, default=500, show_default=True, callback=_positive, help="Steps per run."
+)
+@click.option(
+    "--tune-steps",
+    type=int,
+    default=None,
+    callback=_positive,
+    help="Steps per grid point (default: --steps).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=128,
+    show_default=True,
+    callback=_positive,
+    help="Minibatch size.",
+)
+@_grid_option("sgd", (0.01, 0.03, 0.1, 0.3))
+@_grid_option("rmsprop", (1e-4, 3e-4, 1e-3, 3e-3))
+@_grid_option("adam", (3e-4, 1e-3, 3e-3, 1e-2))
+@_grid_option("sou", (0.003, 0.01, 0.03, 0.1))
+@click.option(
+    "--sou-dampings",
+    default="0.03,0.3",
+    show_default=True,
+    callback=_grid,
+    help="SOU damping values μ, tuned jointly with its step size α.",
+)
+@click.option(
+    "--lstm-g",
+    "lstm_g",
+    default="lstm2-g-{dataset}-small",
+    show_default=True,
+    help="Gradient-only LSTM checkpoint ({dataset}, {network} are filled in).",
+)
+@click.option(
+    "--lstm-gh",
+    "lstm_gh",
+    default="lstm2-gh-{dataset}-small",
+    show_default=True,
+    help="Second-order LSTM checkpoint.",
+)
+@click.option(
+    "--lstm-layer",
+    "lstm_layer",
+    default="lstm2-gh-{dataset}-{network}-per-layer",
+    show_default=True,
+    help="Per-layer second-order checkpoint, meta-trained on the cell's network.",
+)
+@click.option(
+    "--joint-unroll",
+    type=int,
+    default=20,
+    show_default=True,
+    callback=_positive,
+    help="Joint mode: steps per meta-update.",
+)
+@click.option(
+    "--joint-meta-lr",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Joint mode: meta-optimizer (Adam) learning rate.",
+)
+@click.option(
+    "--target-loss",
+    type=float,
+    default=None,
+    help="Loss for 'steps to target' (default: tuned Adam's final loss).",
+)
+@click.option(
+    "--budget",
+    "budget_seconds",
+    type=float,
+    default=None,
+    help="Wall-clock budget in seconds for 'accuracy within budget' (default: the fastest method's run time).",
+)
+@click.option(
+    "--eval-examples",
+    type=int,
+    default=2048,
+    show_default=True,
+    callback=_positive,
+    help="Training examples the training loss is measured on.",
+)
+@click.option(
+    "--test-examples",
+    type=int,
+    default=2000,
+    show_default=True,
+    callback=_positive,
+    help="Test examples for accuracy.",
+)
+@click.option(
+    "--train-examples",
+    type=int,
+    default=None,
+    callback=_positive,
+    help="Train on the first N training examples only (quick runs).",
+)
+@click.option(
+    "--sensitivity/--no-sensitivity",
+    default=True,
+    show_default=True,
+    help="Run the hyper-parameter sensitivity sweep.",
+)
+@click.option(
+    "--sensitivity-steps",
+    type=int,
+    default=None,
+    callback=_positive,
+    help="Steps per sensitivity run (default: --steps).",
+)
+@click.option(
+    "--long-factor",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Longer-than-trained runs: this many meta-training horizons (0: skip).",
+)
+@click.option(
+    "--long-max-steps",
+    type=int,
+    default=None,
+    callback=_positive,
+    help="Cap on the longer-than-trained runs' steps.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset root (MNIST torchvision layout; CIFAR-10 ImageFolder or its tarball).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/bench"),
+    show_default=True,
+    help="Folder for report.md, PNGs and bench.json.",
+)
+@_friendly
+def bench(**options) -> None:
+    """The paper's comparison: SGD, RMSprop, Adam, SOU, the gradient-only and second-order
+    LSTMs and joint mode on each dataset and network, with sensitivity and long-run studies."""
+    from zoo.bench import DEFAULT_GRIDS, BenchConfig, plan_bench, run_bench, write_report
+
+    out = _writable_dir(options.pop("out"))
+    grids = {m: tuple(options.pop(f"{m}_grid")) for m in DEFAULT_GRIDS}
+    options["sou_dampings"] = tuple(options["sou_dampings"])
+    checkpoints = {
+        "lstm-g": options.pop("lstm_g"),
+        "lstm-gh": options.pop("lstm_gh"),
+        "lstm-layer": options.pop("lstm_layer"),
+    }
+    data_root = options.pop("data_root")
+    config = BenchConfig(
+        grids=grids,
+        checkpoints=checkpoints,
+        data_root=str(data_root) if data_root else None,
+        **options,
+    )
+    plan = plan_bench(config)
+    for name, data in plan.data.items():
+        click.echo(f"data ({name}): {data.source}")
+    for note in plan.notes:
+        click.echo(f"note: {note}", err=True)
+    with click.progressbar(length=plan.total_steps, label="bench", show_pos=True) as bar:
+        cells = run_bench(plan, progress=bar.update)
+    command = "zoo bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    text = write_report(cells, config, out, command)
+    click.echo("\n" + text)
+    click.echo(f"\nreport: {out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ CIFAR-10 comes from ``root``: an ImageFolder tree (``train/<class>/*.jpg``,
 ``test/<class>/*.jpg``), or a ``.tar.gz`` of one, or a folder holding
 ``cifar10-jpeg.tar.gz`` (extracted into zoo's cache once). Decoded tensors are cached as
 safetensors next to the extraction, so later runs load in a second.
+
+ImageNet (and any ImageFolder tree of photographs) is too large to hold in memory; it is an
+:class:`ImageFolderData` that streams batches through a multi-worker ``DataLoader``
+(see :func:`load_imagenet` for the layout, the transforms and what happens when a split is
+missing).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import os
 import tarfile
 from collections.abc import Callable
@@ -41,11 +47,19 @@ from torch import Tensor
 
 from .errors import DataError, UnknownNameError
 
-__all__ = ["DATASETS", "Dataset", "batch_sampler", "cache_dir", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "ImageFolderData",
+    "batch_sampler",
+    "cache_dir",
+    "load_dataset",
+    "load_imagenet",
+]
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "cifar10")
+DATASETS = ("mnist", "cifar10", "imagenet")
 
 # Per-channel statistics of the training sets (the values torchvision's examples use).
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -81,14 +95,20 @@ def _offline() -> bool:
 
 def load_dataset(
     name: str, root: str | os.PathLike | None = None, download: bool = True
-) -> Dataset:
-    """Load dataset ``name`` (``"mnist"`` or ``"cifar10"``); see the module docstring."""
+) -> Dataset | ImageFolderData:
+    """Load dataset ``name`` (``"mnist"``, ``"cifar10"`` or ``"imagenet"``).
+
+    MNIST and CIFAR-10 come back as in-memory :class:`Dataset` s, ImageNet as a streaming
+    :class:`ImageFolderData`; see the module docstring.
+    """
     if name not in DATASETS:
         raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if root is None and os.environ.get("ZOO_DATA"):
         root = os.environ["ZOO_DATA"]
     if name == "mnist":
         return _load_mnist(root, download)
+    if name == "imagenet":
+        return load_imagenet(root)
     return _load_cifar10(root)
 
 
@@ -111,14 +131,21 @@ def _mnist_dir(root: Path) -> Path | None:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:  # gzip raises EOFError on a truncated stream
+        raise DataError(f"cannot read {path}: {error}") from error
     if len(data) < 8 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
+    if data[2] != 0x08:  # MNIST holds unsigned bytes; other IDX types are not MNIST
+        raise DataError(f"{path} is not an unsigned-byte IDX file (type code {data[2]:#x})")
     dims = data[3]
+    if not 1 <= dims <= 4 or len(data) < 4 + 4 * dims:
+        raise DataError(f"{path} is truncated or not MNIST: header claims {dims} dimensions")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
-    if body.size != int(np.prod(shape)):
+    if body.size != math.prod(shape):
         raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes")
     return body.reshape(shape)
 
@@ -331,3 +358,170 @@ def batch_sampler(data: Dataset, batch_size: int, seed: int, subset: int = 0) ->
         return cache[step]
 
     return batches
+
+
+# ---------------------------------------------------------------------- ImageNet
+
+# torchvision's ImageNet statistics and its reference recipe's crop sizes.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
+IMAGENET_CLASSES = 1000
+
+
+class _FolderIndex:
+    """``target_transform`` that maps ImageFolder's sorted class index to a fixed label.
+
+    A class (not a lambda) so worker processes can pickle it under any start method.
+    """
+
+    def __init__(self, labels: list[int]):
+        self.labels = labels
+
+    def __call__(self, index: int) -> int:
+        return self.labels[index]
+
+
+def _class_labels(classes: list[str]) -> tuple[list[int], int]:
+    """Labels of ImageFolder's classes and the number of classes the network must output.
+
+    Folders named by ImageNet-1k class index (``0022``, ``0949``: the shared samples'
+    layout) keep that index, so a partial tree still trains a 1000-way network whose
+    labels mean what they mean on ImageNet. Any other names (WordNet ids ``n01440764``
+    ...) are numbered in sorted order, which for the full 1000-class tree is the standard
+    numbering.
+    """
+    if classes and all(c.isdigit() and int(c) < IMAGENET_CLASSES for c in classes):
+        return [int(c) for c in classes], IMAGENET_CLASSES
+    return list(range(len(classes))), len(classes)
+
+
+@dataclass
+class ImageFolderData:
+    """A streaming image dataset: ``train_set``/``eval_set`` are torch datasets of
+    ``(3x224x224 float tensor, label)``; :meth:`loader` makes their DataLoaders."""
+
+    name: str
+    train_set: object  # torch.utils.data.Dataset
+    eval_set: object
+    source: str
+    num_classes: int
+    workers: int = 4
+    input_shape: tuple[int, int, int] = (3, IMAGENET_CROP, IMAGENET_CROP)
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        seed: int,
+        *,
+        samples: int | None = None,
+        rank: int = 0,
+        workers: int | None = None,
+    ):
+        """A DataLoader over ``split`` (``"train"`` or ``"eval"``).
+
+        ``"train"`` draws ``samples`` examples with replacement, in an order fixed by
+        ``(seed, rank)`` (every method compared on a seed sees the same images; each
+        distributed rank sees different ones); ``"eval"`` reads the first ``samples`` in
+        order. Augmentation randomness in the workers is seeded from ``seed`` too.
+        """
+        from torch.utils.data import DataLoader, RandomSampler, Subset
+
+        workers = self.workers if workers is None else workers
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        if split == "train":
+            dataset = self.train_set
+            sampler = RandomSampler(
+                dataset, replacement=True, num_samples=samples or len(dataset), generator=generator
+            )
+        elif split == "eval":
+            count = len(self.eval_set) if samples is None else min(samples, len(self.eval_set))
+            dataset, sampler = Subset(self.eval_set, range(count)), None
+        else:
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            generator=generator,
+        )
+
+
+def load_imagenet(root: str | os.PathLike | None, workers: int = 4) -> ImageFolderData:
+    """ImageNet from an ImageFolder root: ``ROOT/train/<class>/*.JPEG``, ``ROOT/val/<class>/...``.
+
+    Transforms are torchvision's reference ones: training images get
+    ``RandomResizedCrop(224)`` and a horizontal flip, evaluation images ``Resize(256)`` and
+    ``CenterCrop(224)``; both are normalised with ImageNet's channel statistics.
+
+    A missing split is replaced by the other one, and the report says so: with only
+    ``val/`` (the shared 20-photo smoke-test tree) the network trains on ``val/`` with the
+    training transforms and is evaluated on the same images with the evaluation transforms;
+    with only ``train/`` it is evaluated on ``train/``. Neither is a held-out figure;
+    both exist so that a partial tree still runs the real pipeline end to end.
+    """
+    if root is None:
+        raise DataError(
+            "ImageNet needs --data-root: a folder holding train/ and/or val/ ImageFolder trees"
+        )
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder")
+    splits = {s: root / s for s in ("train", "val") if (root / s).is_dir()}
+    if not splits:
+        raise DataError(f"no ImageNet under {root}: expected {root}/train/ and/or {root}/val/")
+    from torchvision import datasets, transforms
+
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(IMAGENET_CROP),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    eval_tf = transforms.Compose(
+        [
+            transforms.Resize(IMAGENET_RESIZE),
+            transforms.CenterCrop(IMAGENET_CROP),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    train_dir = splits.get("train", splits.get("val"))
+    eval_dir = splits.get("val", splits.get("train"))
+    try:
+        probe = datasets.ImageFolder(str(train_dir))
+    except (FileNotFoundError, OSError) as error:
+        raise DataError(f"cannot read ImageFolder {train_dir}: {error}") from error
+    labels, num_classes = _class_labels(probe.classes)
+    mapping = dict(zip(probe.classes, labels, strict=True))
+
+    def folder(path: Path, transform):
+        ds = datasets.ImageFolder(str(path), transform=transform)
+        missing = sorted(set(ds.classes) - set(mapping))
+        if missing:
+            raise DataError(f"{path} has classes {missing[:5]} that {train_dir} lacks")
+        ds.target_transform = _FolderIndex([mapping[c] for c in ds.classes])
+        return ds
+
+    train_set, eval_set = folder(train_dir, train_tf), folder(eval_dir, eval_tf)
+    if "train" not in splits:
+        note = "; no train/: trains on val/ (augmented) and evaluates on val/ (smoke test only)"
+    elif "val" not in splits:
+        note = "; no val/: evaluates on train/ (not a held-out figure)"
+    else:
+        note = ""
+    return ImageFolderData(
+        "imagenet",
+        train_set,
+        eval_set,
+        f"ImageNet ImageFolder {root}: {len(train_set):,} train / {len(eval_set):,} eval "
+        f"images, {len(probe.classes)} class folders, {num_classes}-way labels{note}",
+        num_classes,
+        workers,
+    )

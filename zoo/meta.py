@@ -42,10 +42,11 @@ from .errors import ConfigError, NonFiniteError, UnknownNameError
 from .features import FeatureSpec, init_state
 from .layer_kinds import KINDS, assign
 from .networks import build_network, get_network, scale_init
-from .optimizer import KindLayout, learned_step
+from .optimizer import KindLayout, layer_name, learned_step
 from .update_net import UpdateNet
 
 __all__ = [
+    "JointTrainer",
     "MetaConfig",
     "MetaResult",
     "Recipe",
@@ -83,6 +84,10 @@ class UpdateNetConfig:
     num_layers: int = 2
     init_lr: float = 2e-3
     kinds: tuple[str, ...] = KINDS
+    # One net per *layer* of task.network (keyed by module name, e.g. conv1, fc2) instead
+    # of one per layer kind: the paper's per-layer LSTMs, meta-trained on the network they
+    # will train (validation tasks must then use the same network).
+    per_layer: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,11 @@ def _validate(recipe: Recipe) -> None:
     for where, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"recipe {where} = {value!r} is invalid; allowed: {allowed}")
+    if u.per_layer and any(v.network != t.network for v in recipe.validation):
+        raise ConfigError(
+            "recipe update_net.per_layer = true keys nets by the layers of task.network "
+            f"({t.network!r}); every [[validation]] network must be {t.network!r}"
+        )
     if t.dataset not in ("mnist", "cifar10"):
         raise ConfigError(f"recipe task.dataset = {t.dataset!r}; allowed: mnist, cifar10")
 
@@ -256,19 +266,39 @@ def load_recipe(path: str | Path) -> Recipe:
 class _Trainee:
     """A trainee network held as a module plus a name → tensor parameter dict."""
 
-    def __init__(self, network: str, data: Dataset, width: float, init_scale: float, seed: int):
+    def __init__(
+        self,
+        network: str,
+        data: Dataset,
+        width: float,
+        init_scale: float,
+        seed: int,
+        per_layer: bool = False,
+    ):
         torch.manual_seed(seed)
-        self.module = build_network(network, data.input_shape, data.num_classes, width)
-        scale_init(self.module, init_scale)
-        self.assignments = assign(self.module, KINDS, other="error")
+        module = build_network(network, data.input_shape, data.num_classes, width)
+        scale_init(module, init_scale)
+        self._attach(module, per_layer)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, per_layer: bool = False) -> _Trainee:
+        """Wrap an existing network (joint mode trains the caller's own model)."""
+        trainee = cls.__new__(cls)
+        trainee._attach(module, per_layer)
+        return trainee
+
+    def _attach(self, module: torch.nn.Module, per_layer: bool) -> None:
+        self.module = module
+        self.assignments = assign(module, KINDS, other="error")
         self.params = {a.name: a.param.detach().clone() for a in self.assignments}
+        # Net keys: layer kinds, or (per_layer) the owning modules' names, in model order.
+        keys = [layer_name(a) if per_layer else a.route for a in self.assignments]
         self.layouts = {}
-        for kind in KINDS:
-            members = [a for a in self.assignments if a.route == kind]
-            if members:
-                self.layouts[kind] = KindLayout.build(
-                    [a.name for a in members], [a.param.numel() for a in members]
-                )
+        for key in dict.fromkeys(keys):
+            members = [a for a, k in zip(self.assignments, keys, strict=True) if k == key]
+            self.layouts[key] = KindLayout.build(
+                [a.name for a in members], [a.param.numel() for a in members]
+            )
 
 
 class _Run:
@@ -322,6 +352,7 @@ def evaluate_nets(
     data: Dataset,
     task: ValidationTask,
     batch_size: int,
+    per_layer: bool = False,
 ) -> list[list[float]]:
     """Train ``task.network`` with the nets for ``task.steps`` on each seed (no meta-grad).
 
@@ -329,7 +360,7 @@ def evaluate_nets(
     """
     curves = []
     for seed in task.seeds:
-        trainee = _Trainee(task.network, data, 1.0, 1.0, seed)
+        trainee = _Trainee(task.network, data, 1.0, 1.0, seed, per_layer)
         run = _Run(trainee, nets, batch_sampler(data, batch_size, seed))
         losses = []
         for _ in range(task.steps):
@@ -367,17 +398,37 @@ def meta_train(
     data: Dataset,
     *,
     progress: Callable[[int, int, float], None] | None = None,
+    state_dir: str | Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
 ) -> MetaResult:
-    """Meta-train update nets as ``recipe`` says; returns the best-validated nets."""
+    """Meta-train update nets as ``recipe`` says; returns the best-validated nets.
+
+    With ``state_dir`` and ``save_every=K`` the whole loop state is saved there atomically
+    after every K-th iteration (:mod:`zoo.meta_state`); ``resume=True`` continues from it,
+    and the result equals an uninterrupted run bitwise (CPU). A run that goes non-finite
+    stops with a ``NonFiniteError`` naming the layer kind and input feature where it
+    started; the last saved state is kept.
+    """
+    from . import meta_state
+
+    if type(save_every) is not int or save_every < 0:
+        raise ConfigError(f"save_every must be an integer >= 0, got {save_every!r}")
+    if (save_every or resume) and state_dir is None:
+        raise ConfigError("save_every and resume need state_dir, the folder of the state")
     u, t, m = recipe.update_net, recipe.task, recipe.meta
     spec = FeatureSpec(u.features)
     torch.manual_seed(m.seed)
+    keys = u.kinds
+    if u.per_layer:
+        keys = tuple(_Trainee(t.network, data, 1.0, 1.0, m.seed, per_layer=True).layouts)
+        if len(set(t.widths)) > 1 or t.widths[0] != 1.0:
+            logger.warning("per-layer nets: task.widths %s vary the layers' sizes", t.widths)
     nets = {
-        kind: UpdateNet(spec.num_features, u.hidden_size, u.num_layers, u.init_lr)
-        for kind in u.kinds
+        key: UpdateNet(spec.num_features, u.hidden_size, u.num_layers, u.init_lr) for key in keys
     }
     missing = set(KINDS) - set(u.kinds)
-    if missing:
+    if missing and not u.per_layer:
         raise ConfigError(
             f"recipe update_net.kinds lacks {sorted(missing)}; zoo nets cover {KINDS}"
         )
@@ -393,53 +444,85 @@ def meta_train(
             math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand(1, generator=rng))
         )
         seed = m.seed * 100_000 + index
-        trainee = _Trainee(t.network, data, width, scale, seed)
+        trainee = _Trainee(t.network, data, width, scale, seed, u.per_layer)
         run = _Run(trainee, nets, batch_sampler(data, t.batch_size, seed, t.subset))
+        run.origin = (width, scale, seed)  # how to rebuild it on resume (zoo.meta_state)
         run.evaluate(keep_graph=False)
+        return run
+
+    def rebuild_run(width: float, scale: float, seed: int) -> _Run:
+        trainee = _Trainee(t.network, data, width, scale, seed, u.per_layer)
+        run = _Run(trainee, nets, batch_sampler(data, t.batch_size, seed, t.subset))
+        run.origin = (width, scale, seed)
         return run
 
     def validate() -> float:
         scores = [
-            _score(evaluate_nets(nets, spec, data, v, t.batch_size)) for v in recipe.validation
+            _score(evaluate_nets(nets, spec, data, v, t.batch_size, u.per_layer))
+            for v in recipe.validation
         ]
         per_task = zip(recipe.validation, scores, strict=True)
         logger.info("validation: %s", ", ".join(f"{v.network} {s:.4f}" for v, s in per_task))
         return sum(scores) / len(scores)
 
-    history, validation = [], []
-    best_score = validate()
-    best = copy.deepcopy(nets)
-    best_iteration = 0
-    validation.append((0, best_score))
-    logger.info("validation score of the untrained nets (Adam at init_lr): %.4f", best_score)
-    runs = 0
-    run = new_run(runs)
-    skipped = consecutive_bad = 0
-    for iteration in range(1, m.iterations + 1):
+    start, saved_at = 1, None
+    if resume:
+        loop = meta_state.load(state_dir, recipe, nets, meta_opt, rng, rebuild_run)
+        start = saved_at = loop["start"]
+        history, validation = loop["history"], loop["validation"]
+        run, runs = loop["run"], loop["runs"]
+        best, best_score, best_iteration = loop["best"], loop["best_score"], loop["best_iteration"]
+        skipped, consecutive_bad = loop["skipped"], loop["consecutive_bad"]
+    else:
+        history, validation = [], []
+        best_score = validate()
+        best = copy.deepcopy(nets)
+        best_iteration = 0
+        validation.append((0, best_score))
+        logger.info("validation score of the untrained nets (Adam at init_lr): %.4f", best_score)
+        runs = 0
+        run = new_run(runs)
+        skipped = consecutive_bad = 0
+    first_fault = None
+    for iteration in range(start, m.iterations + 1):
         if run.step >= m.horizon:
             runs += 1
             run = new_run(runs)
         losses = []
+        watch = meta_state.NonFiniteWatch(spec.name)
         for _ in range(m.unroll):
             run.advance(nets, spec)
             losses.append(run.evaluate(keep_graph=True).loss)
+            watch.check(run, nets)
         stacked = torch.stack(losses)
         meta_loss = torch.log(stacked).mean() if m.meta_loss == "log" else stacked.mean()
-        if not torch.isfinite(meta_loss):
+        finite = bool(torch.isfinite(meta_loss))
+        if finite:
+            meta_opt.zero_grad()
+            meta_loss.backward()
+            finite = meta_state.finite_gradients(weights)  # before clipping spreads a NaN
+        if not finite:
             skipped += 1
             consecutive_bad += 1
-            logger.warning("non-finite meta-loss at iteration %d; task discarded", iteration)
+            where = watch.describe(run, nets)
+            first_fault = first_fault or f"iteration {iteration}: {where}"
+            logger.warning(
+                "non-finite meta-training at iteration %d (%s); task discarded", iteration, where
+            )
             if consecutive_bad >= 5:
+                kept = (
+                    f"; the last good state (iteration {saved_at - 1}) is kept in {state_dir}"
+                    if saved_at
+                    else ""
+                )
                 raise NonFiniteError(
-                    f"meta-training went non-finite {consecutive_bad} times in a row at "
-                    f"iteration {iteration}; lower meta.meta_lr or update_net.init_lr"
+                    f"meta-training went non-finite {consecutive_bad} times in a row; the first "
+                    f"at {first_fault}. Lower meta.meta_lr or update_net.init_lr{kept}"
                 )
             runs += 1
             run = new_run(runs)
             continue
-        consecutive_bad = 0
-        meta_opt.zero_grad()
-        meta_loss.backward()
+        consecutive_bad, first_fault = 0, None
         torch.nn.utils.clip_grad_norm_(weights, m.clip)
         meta_opt.step()
         run.detach()
@@ -454,6 +537,9 @@ def meta_train(
             )
             if score < best_score:
                 best_score, best, best_iteration = score, copy.deepcopy(nets), iteration
+        if save_every and iteration % save_every == 0:
+            meta_state.save(state_dir, iteration=iteration, recipe=recipe, loop=locals())
+            saved_at = iteration + 1
     return MetaResult(
         nets=best,
         recipe=recipe,
@@ -464,3 +550,110 @@ def meta_train(
         seconds=time.perf_counter() - started,
         skipped=skipped,
     )
+
+
+# ---------------------------------------------------------------------- joint mode
+
+
+class JointTrainer:
+    """Train a network and keep meta-training its update nets on it, in one run.
+
+    The paper's reading of learning the CNN and the LSTM together: the update nets train
+    ``model`` step by step, and every ``unroll`` steps the meta-loss of those steps (the
+    training losses at the parameters the nets produced) is back-propagated into the nets'
+    weights, exactly as in :func:`meta_train`'s truncated BPTT. Nothing is ever reset:
+    the parameters and the per-coordinate LSTM state are only detached at a truncation,
+    so the run is one long task and the nets adapt to the network they are training.
+
+    Args:
+        model: the network to train; its parameters are overwritten after every step.
+        nets: update nets keyed like :class:`~zoo.optimizer.LearnedOptimizer`'s (layer
+            kinds, or layer names with ``per_layer``); they are trained in place, so pass
+            copies to keep the originals.
+        features: the nets' feature set.
+        unroll: steps per truncation (one meta-update each).
+        meta_lr: learning rate of the Adam meta-optimizer.
+        clip: meta-gradient norm clip.
+        meta_loss: ``"log"`` (mean log loss) or ``"sum"`` (mean loss), as in recipes.
+
+    Use :meth:`train_step` in place of ``zero_grad`` / backward / ``step``; it returns the
+    minibatch loss at the parameters before the step. ``zoo.train.train_run`` recognises
+    the method, so a :class:`~zoo.train.Method` whose factory returns a ``JointTrainer``
+    runs in ``compare`` beside the ordinary optimizers.
+
+    Example:
+        >>> trainer = JointTrainer(model, zoo.load("lstm2-gh-mnist-small").nets, spec)
+        >>> for step in range(1, 1001):
+        ...     loss = trainer.train_step(*batches(step))
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        nets: dict[str, UpdateNet],
+        features: FeatureSpec,
+        *,
+        unroll: int = 20,
+        meta_lr: float = 1e-3,
+        clip: float = 1.0,
+        meta_loss: str = "log",
+        per_layer: bool = False,
+    ):
+        if unroll < 1:
+            raise ConfigError(f"JointTrainer: unroll must be >= 1, got {unroll}")
+        if not meta_lr > 0:
+            raise ConfigError(f"JointTrainer: meta_lr must be > 0, got {meta_lr}")
+        if not clip > 0:
+            raise ConfigError(f"JointTrainer: clip must be > 0, got {clip}")
+        if meta_loss not in ("log", "sum"):
+            raise ConfigError(f"JointTrainer: meta_loss must be 'log' or 'sum', got {meta_loss!r}")
+        self.model = model
+        self.nets = nets
+        self.spec = features
+        self.unroll, self.clip, self.meta_loss = unroll, clip, meta_loss
+        self.trainee = _Trainee.from_module(model, per_layer)
+        missing = sorted(set(self.trainee.layouts) - set(nets))
+        if missing:
+            raise ConfigError(f"JointTrainer: no update net for {missing}; nets: {sorted(nets)}")
+        for net in nets.values():
+            net.requires_grad_(True)
+        self._weights = [p for net in nets.values() for p in net.parameters()]
+        self.meta_optimizer = torch.optim.Adam(self._weights, lr=meta_lr)
+        self._batch = None
+        self._run = _Run(self.trainee, nets, lambda step: self._batch)
+        self._losses: list[torch.Tensor] = []  # this truncation's losses, graph to the nets
+        self.meta_updates = 0
+        self.skipped_meta_updates = 0
+        self.skipped_steps = 0  # read by train_run like LearnedOptimizer's
+        self.history: list[float] = []  # meta-loss of every meta-update
+
+    def train_step(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One training step of the model; a meta-update of the nets every ``unroll``."""
+        self._batch = (inputs, target)
+        in_unroll = bool(self._run.step) and len(self._losses) < self.unroll
+        result = self._run.evaluate(keep_graph=in_unroll)
+        if in_unroll:
+            self._losses.append(result.loss)
+        if len(self._losses) == self.unroll:
+            self._meta_update()
+        self._run.advance(self.nets, self.spec)
+        with torch.no_grad():
+            for a in self.trainee.assignments:
+                a.param.copy_(self.trainee.params[a.name])
+        return result.loss.detach()
+
+    def _meta_update(self) -> None:
+        stacked = torch.stack(self._losses)
+        meta_loss = torch.log(stacked).mean() if self.meta_loss == "log" else stacked.mean()
+        if torch.isfinite(meta_loss):
+            self.meta_optimizer.zero_grad()
+            meta_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self._weights, self.clip)
+            self.meta_optimizer.step()
+            self.meta_updates += 1
+            self.history.append(meta_loss.item())
+        else:
+            self.skipped_meta_updates += 1
+            logger.warning("joint mode: non-finite meta-loss; meta-update skipped")
+        self._run.detach()
+        self._losses = []

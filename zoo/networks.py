@@ -5,6 +5,14 @@ Roy & Todorovic 2018); ``big`` is the bigger network they are transferred to
 (3 conv + 2 fc). Both are built for any ``(channels, height, width)`` input, so the same
 names serve MNIST (1x28x28) and CIFAR-10 (3x32x32).
 
+Any other destination network is named one of two more ways:
+
+* a torchvision classification model (``resnet18``, ``resnet50``, ``vgg11``, ...), built
+  untrained (``weights=None``) with ``num_classes`` from the dataset; these expect
+  3-channel images (ImageNet's 3x224x224; CIFAR-10 works for the convolutional ones);
+* a user factory ``package.module:function``, called with the keyword arguments it
+  accepts among ``input_shape`` and ``num_classes``; it must return an ``nn.Module``.
+
 Example:
     >>> net = build_network("small", input_shape=(1, 28, 28), num_classes=10)
     >>> sum(p.numel() for p in net.parameters())
@@ -13,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +30,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnknownNameError
+from .errors import ConfigError, UnknownNameError
 
-__all__ = ["NETWORKS", "NetworkSpec", "build_network", "get_network", "count_parameters"]
+__all__ = [
+    "NETWORKS",
+    "NetworkSpec",
+    "build_network",
+    "count_parameters",
+    "get_network",
+    "torchvision_models",
+]
 
 Shape = tuple[int, int, int]
 
@@ -100,13 +117,81 @@ NETWORKS: dict[str, NetworkSpec] = {
 }
 
 
-def get_network(name: str) -> NetworkSpec:
-    """Return the registered network ``name``; ``UnknownNameError`` lists the known ones."""
+def torchvision_models() -> list[str]:
+    """Names of torchvision's classification models (``resnet18``, ``vgg11``, ...)."""
     try:
+        from torchvision import models
+    except ImportError:  # torchvision is a dependency, but keep the registry importable
+        return []
+    return sorted(models.list_models(module=models))
+
+
+def _torchvision_spec(name: str) -> NetworkSpec:
+    def factory(input_shape: Shape, num_classes: int, width: float = 1.0) -> nn.Module:
+        from torchvision import models
+
+        if width != 1.0:
+            raise ConfigError(f"width={width} is only supported by zoo's own networks, not {name}")
+        if input_shape[0] != 3:
+            raise ConfigError(
+                f"{name} expects 3-channel images, got input shape {tuple(input_shape)}; "
+                "use --dataset cifar10 or imagenet"
+            )
+        return models.get_model(name, weights=None, num_classes=num_classes)
+
+    return NetworkSpec(name, f"torchvision.models.{name} (weights=None)", factory)
+
+
+def _factory_spec(ref: str) -> NetworkSpec:
+    module_name, _, attr = ref.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise UnknownNameError(
+            f"cannot load network factory {ref!r} ({error}); expected package.module:function "
+            "importable from the current environment"
+        ) from error
+    if not callable(function):
+        raise ConfigError(f"network factory {ref!r} is not callable")
+    try:
+        accepted = set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # builtins without a signature: pass nothing
+        accepted = set()
+
+    def factory(input_shape: Shape, num_classes: int, width: float = 1.0) -> nn.Module:
+        if width != 1.0:
+            raise ConfigError(f"width={width} is only supported by zoo's own networks, not {ref}")
+        offered = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+        model = function(**{k: v for k, v in offered.items() if k in accepted})
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"network factory {ref!r} returned {type(model).__name__}, not nn.Module"
+            )
+        return model
+
+    return NetworkSpec(ref, f"user factory {ref}", factory)
+
+
+def get_network(name: str) -> NetworkSpec:
+    """The network ``name``: zoo's registry, a torchvision model, or ``package.module:function``.
+
+    An unknown name is an ``UnknownNameError`` that lists the known ones.
+    """
+    if name in NETWORKS:
         return NETWORKS[name]
-    except KeyError:
-        known = ", ".join(sorted(NETWORKS))
-        raise UnknownNameError(f"unknown network {name!r}; known networks: {known}") from None
+    if ":" in name:
+        return _factory_spec(name)
+    vision = torchvision_models()
+    if name in vision:
+        return _torchvision_spec(name)
+    known = ", ".join(sorted(NETWORKS))
+    examples = ", ".join(
+        n for n in ("resnet18", "resnet50", "vgg11", "mobilenet_v2") if n in vision
+    )
+    raise UnknownNameError(
+        f"unknown network {name!r}; known networks: {known}; torchvision models "
+        f"({len(vision)}, e.g. {examples}); or a factory package.module:function"
+    ) from None
 
 
 def build_network(
@@ -115,7 +200,7 @@ def build_network(
     """Build network ``name`` for inputs of ``input_shape`` with PyTorch's default init.
 
     ``width`` multiplies every layer's channel/unit count (meta-training samples it to
-    present the update nets with networks of several widths).
+    present the update nets with networks of several widths); zoo's own networks only.
     """
     return get_network(name).factory(tuple(input_shape), num_classes, width)
 

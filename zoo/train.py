@@ -5,11 +5,22 @@ initialisation (the network is built once under ``torch.manual_seed(seed)`` and 
 and sees the same minibatches (:func:`zoo.data.batch_sampler`). The training loss is
 measured on a fixed subset of the training split (the objective the optimizers minimise,
 without minibatch noise); test accuracy on the test split at the end.
+
+At scale the same loop runs on a streaming :class:`zoo.data.ImageFolderData` (ImageNet):
+batches come from its multi-worker DataLoader in an order fixed by the seed, and the loss
+and accuracy are measured on the first examples of its evaluation split (deterministic
+transforms; augmented training images would make the curve noisy). ``device`` (default:
+CUDA when available) and ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) choose where
+and how forward and backward run: autocast in the half type, and for fp16 a dynamic loss
+scale (:class:`LossScaler`) under which both the gradient and the second derivative are
+unscaled before any optimizer reads them and a step with inf/NaN is skipped. Optimizers
+always run in fp32. Under ``torch.distributed`` each rank draws its own batches.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import statistics
@@ -21,12 +32,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import curvature
-from .data import Dataset, batch_sampler
+from . import curvature, distributed
+from .data import Dataset, ImageFolderData, batch_sampler
 from .errors import ConfigError, NonFiniteError
 from .networks import build_network
 
-__all__ = ["Method", "RunRecord", "compare", "eval_points", "summarise", "train_run", "tune_lr"]
+__all__ = [
+    "PRECISIONS",
+    "LossScaler",
+    "Method",
+    "RunRecord",
+    "compare",
+    "eval_points",
+    "resolve_device",
+    "summarise",
+    "train_run",
+    "tune_lr",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +106,145 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10
     return correct / len(y)
 
 
-def initial_network(network: str, data: Dataset, seed: int) -> nn.Module:
+def initial_network(network: str, data: Dataset | ImageFolderData, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return build_network(network, data.input_shape, data.num_classes)
+
+
+# ---------------------------------------------------------------------- devices, precision
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"unknown device {device!r}: {error}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here")
+    return resolved
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16, as ``torch.amp.GradScaler`` does it, for both
+    the gradient and the second derivative.
+
+    The loss is multiplied by :attr:`scale` before differentiating; gradients and second
+    derivatives come back multiplied by it too and are divided before use. A step whose
+    unscaled values hold inf/NaN is skipped and halves the scale; ``growth_interval``
+    clean steps in a row double it. Constants are GradScaler's defaults.
+    """
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000, enabled: bool = True):
+        self.enabled = enabled
+        self.scale = float(scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self._clean = 0
+        self.skipped = 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale *= 0.5
+            self._clean = 0
+            self.skipped += 1
+            return
+        self._clean += 1
+        if self._clean == self.growth_interval:
+            self.scale *= 2.0
+            self._clean = 0
+
+
+def _backward(model, optimizer, method, x, y, autocast, scaler: LossScaler):
+    """Forward, loss and (curvature) backward under ``autocast``; returns the loss."""
+    wants = getattr(optimizer, "wants_curvature", None)
+    with autocast():
+        if method.needs_curvature and (wants is None or wants()):
+            options = {"loss_scale": scaler.scale} if scaler.scale != 1.0 else {}
+            return curvature.backward(model, x, y, **options)
+        loss = F.cross_entropy(model(x), y)
+    (loss * scaler.scale if scaler.scale != 1.0 else loss).backward()
+    return loss
+
+
+def _optimizer_step(optimizer, scaler: LossScaler) -> None:
+    """``optimizer.step()`` on unscaled, rank-averaged gradients; skips (and backs off) on inf."""
+    if hasattr(optimizer, "loss_scale"):  # LearnedOptimizer: unscales and averages g and h
+        optimizer.loss_scale = scaler.scale
+        before = optimizer.skipped_steps
+        optimizer.step()
+        scaler.update(optimizer.skipped_steps > before)
+        return
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if scaler.enabled:
+        torch._foreach_div_(grads, scaler.scale)
+    distributed.average_(grads)
+    finite = not scaler.enabled or all(bool(torch.isfinite(g).all()) for g in grads)
+    if finite:
+        optimizer.step()
+    scaler.update(not finite)
+
+
+def _training_batches(data, batch_size: int, seed: int, steps: int, device: torch.device):
+    """``step -> (inputs, labels)`` on ``device``; each distributed rank gets its own."""
+    rank = distributed.rank()
+    if isinstance(data, ImageFolderData):
+        loader = iter(data.loader("train", batch_size, seed, samples=batch_size * steps, rank=rank))
+
+        def streamed(step: int):
+            x, y = next(loader)
+            return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        return streamed
+    # Rank 0 keeps the single-process batches; other ranks shift the seed.
+    sample = batch_sampler(data, batch_size, seed + 1_000_033 * rank)
+    if device.type == "cpu":
+        return sample
+    return lambda step: tuple(t.to(device, non_blocking=True) for t in sample(step))
+
+
+class _Evaluator:
+    """Training loss on a fixed subset, and test accuracy, on either kind of dataset."""
+
+    def __init__(self, data, eval_examples: int, test_examples: int | None, device, autocast):
+        self.device, self.autocast = device, autocast
+        if isinstance(data, ImageFolderData):
+            # Streaming data: both on the evaluation split, deterministic transforms.
+            self.loss_batches = data.loader("eval", 64, 0, samples=eval_examples)
+            self.test_batches = data.loader("eval", 64, 0, samples=test_examples)
+        else:
+            x, y = data.train_x[:eval_examples], data.train_y[:eval_examples]
+            tx, ty = data.test_x[:test_examples], data.test_y[:test_examples]
+            self.loss_batches = [(x[i : i + 1024], y[i : i + 1024]) for i in range(0, len(y), 1024)]
+            self.test_batches = [
+                (tx[i : i + 1024], ty[i : i + 1024]) for i in range(0, len(ty), 1024)
+            ]
+
+    @torch.no_grad()
+    def _sum(self, model, batches, score) -> float:
+        total, count = 0.0, 0
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast():
+                out = model(x)
+            total += score(out.float(), y)
+            count += len(y)
+        return total / max(count, 1)
+
+    def loss(self, model) -> float:
+        return self._sum(
+            model,
+            self.loss_batches,
+            lambda out, y: F.cross_entropy(out, y, reduction="sum").item(),
+        )
+
+    def accuracy(self, model) -> float:
+        return self._sum(model, self.test_batches, lambda out, y: (out.argmax(1) == y).sum().item())
 
 
 def train_run(
@@ -100,50 +258,79 @@ def train_run(
     eval_examples: int = EVAL_SUBSET,
     test_examples: int | None = None,
     progress: Callable[[int], None] | None = None,
+    track_test: bool = False,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> RunRecord:
     """Train ``model`` (modified in place) with ``method`` for ``steps`` minibatches.
 
     The training loss is measured on the first ``eval_examples`` training examples at
     :func:`eval_points`; test accuracy on the first ``test_examples`` (default: all).
+    ``track_test``: also record, at every eval point, the test accuracy
+    (``extra["test_accuracy"]``) and the training seconds so far, evaluation excluded
+    (``extra["train_seconds"]``) — what ``zoo bench``'s accuracy-vs-steps and
+    fixed-wall-clock-budget metrics read.
+
+    An optimizer with a ``train_step(inputs, labels) -> loss`` method (joint mode,
+    :class:`zoo.meta.JointTrainer`) runs the whole step itself.
+
+    ``device`` (default: CUDA if available) receives the model before the optimizer is
+    made; ``precision`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see the module docstring).
     """
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = resolve_device(device)
+    model.to(device)
+    half = PRECISIONS[precision]
+    autocast = functools.partial(torch.autocast, device.type, half, enabled=half is not None)
+    scaler = LossScaler(enabled=precision == "fp16")
     optimizer = method.make(model)
-    batches = batch_sampler(data, batch_size, seed)
-    eval_x, eval_y = data.train_x[:eval_examples], data.train_y[:eval_examples]
-    test_x, test_y = data.test_x[:test_examples], data.test_y[:test_examples]
+    batches = _training_batches(data, batch_size, seed, steps, device)
+    evaluate = _Evaluator(data, eval_examples, test_examples, device, autocast)
     points = set(eval_points(steps))
-    record_steps, losses = [0], [_loss_on(model, eval_x, eval_y)]
+    record_steps, losses = [0], [evaluate.loss(model)]
+    test_curve, train_seconds = [evaluate.accuracy(model)] if track_test else [], [0.0]
     started = time.perf_counter()
+    training = 0.0  # seconds spent in steps, evaluation excluded
+    joint = hasattr(optimizer, "train_step")
     model.train()
     for step in range(1, steps + 1):
+        tick = time.perf_counter()
         x, y = batches(step)
-        optimizer.zero_grad(set_to_none=True)
-        if method.needs_curvature:
-            loss = curvature.backward(model, x, y)
+        if joint:
+            loss = optimizer.train_step(x, y)
         else:
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            optimizer.zero_grad(set_to_none=True)
+            loss = _backward(model, optimizer, method, x, y, autocast, scaler)
         if not math.isfinite(loss.item()):
             raise NonFiniteError(
                 f"{method.name}: the training loss became {loss.item()} at step {step} (seed "
                 f"{seed}); lower the learning rate"
             )
-        optimizer.step()
+        if not joint:
+            _optimizer_step(optimizer, scaler)
+        training += time.perf_counter() - tick
         if step in points:
             record_steps.append(step)
-            losses.append(_loss_on(model, eval_x, eval_y))
+            losses.append(evaluate.loss(model))
+            if track_test:
+                test_curve.append(evaluate.accuracy(model))
+                train_seconds.append(training)
         if progress is not None:
             progress(1)
     seconds = time.perf_counter() - started
+    extra = {"test_accuracy": test_curve, "train_seconds": train_seconds} if track_test else {}
     return RunRecord(
         method=method.name,
         seed=seed,
         steps=record_steps,
         train_loss=losses,
-        test_accuracy=accuracy(model, test_x, test_y),
+        test_accuracy=evaluate.accuracy(model),
         seconds=seconds,
-        skipped_steps=getattr(optimizer, "skipped_steps", 0),
+        skipped_steps=max(getattr(optimizer, "skipped_steps", 0), scaler.skipped),
+        extra=extra,
     )
 
 
