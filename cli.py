@@ -542,7 +542,7 @@ def _attach(pretrained, model, *, options):
     default="auto",
     show_default=True,
     help="Coordinates per chunk of the fused update-net evaluation; 'auto': the one-shot "
-    "path up to 1M parameters, 16384 above; 'off': always one-shot.",
+    "path up to 1M parameters, 2048 above; 'off': always one-shot.",
 )
 @click.option(
     "--lstm-state",
