@@ -794,8 +794,8 @@ def _grid_option(method: str, default: tuple[float, ...]):
     help="Minibatch size.",
 )
 @_grid_option("sgd", (0.01, 0.03, 0.1, 0.3))
-@_grid_option("rmsprop", (1e-4, 3e-4, 1e-3, 3e-3))
-@_grid_option("adam", (3e-4, 1e-3, 3e-3, 1e-2))
+@_grid_option("rmsprop", (3e-4, 1e-3, 3e-3, 1e-2))
+@_grid_option("adam", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2))
 @_grid_option("sou", (0.003, 0.01, 0.03, 0.1))
 @click.option(
     "--sou-dampings",
