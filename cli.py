@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -49,13 +50,45 @@ def _grid(ctx, param, value: str) -> list[float]:
     return grid
 
 
-def _writable_dir(path: Path) -> Path:
-    """Check (without creating anything) that ``path`` can be created or written."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"{path} cannot be written (no write access to {probe})")
+def _writable_dir(path: Path, option: str = "--out") -> Path:
+    """Check at startup that folder ``path`` can be created and written, leaving nothing.
+
+    The missing parents are created, a probe folder is made and removed beside ``path``
+    (inside it where it exists), then the created parents are removed again: ``os.access``
+    alone passes for folders such as ``/proc/x`` that cannot be created.
+    """
+    import tempfile
+
+    from zoo.safe_io import describe_os_error
+
+    path = Path(path)
+    hint = f"'{option}'"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing.is_file() else "is not a folder"
+        raise click.BadParameter(f"{path}: {existing} {what}", param_hint=hint)
+    base = path if path.is_dir() else path.parent
+    missing = []
+    walk = base
+    while not walk.exists() and walk != walk.parent:
+        missing.append(walk)
+        walk = walk.parent
+    created = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name or 'zoo'}.probe-", dir=base))
+    except OSError as error:
+        raise click.BadParameter(
+            f"{path} cannot be created or written: {describe_os_error(error)}", param_hint=hint
+        ) from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return path
 
 
@@ -323,7 +356,7 @@ def meta_train_command(
     _writable_dir(out)
     state_dir = state_dir or out.with_name(out.name + ".meta-state")
     if save_every or resume:
-        _writable_dir(state_dir)
+        _writable_dir(state_dir, "--state-dir")
     data = load_dataset(plan.task.dataset, data_root)
     click.echo(f"data: {data.source}")
     started = time.perf_counter()
@@ -694,9 +727,14 @@ def transfer(
         f"\nsteps for zoo to reach Adam's final loss ({adam_final:.4f}): "
         + (f"{reach} ({reach / steps:.2f}x Adam's {steps})" if reach else f"not reached in {steps}")
     )
-    out.mkdir(parents=True, exist_ok=True)
     png = out / f"transfer-{dst}-{dataset}.png"
-    plot_curves(results, png, f"{pretrained.name} -> {dst} ({dataset})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_curves(results, png, f"{pretrained.name} -> {dst} ({dataset})")
+    except OSError as error:
+        from zoo.safe_io import describe_os_error
+
+        raise click.ClickException(f"cannot write {png}: {describe_os_error(error)}") from error
     payload = {
         "src": str(src),
         "dst": dst,
@@ -945,7 +983,12 @@ def bench(**options) -> None:
     with click.progressbar(length=plan.total_steps, label="bench", show_pos=True) as bar:
         cells = run_bench(plan, progress=bar.update)
     command = "zoo bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    text = write_report(cells, config, out, command)
+    try:
+        text = write_report(cells, config, out, command)
+    except OSError as error:
+        from zoo.safe_io import describe_os_error
+
+        raise click.ClickException(f"cannot write {out}: {describe_os_error(error)}") from error
     click.echo("\n" + text)
     click.echo(f"\nreport: {out / 'report.md'}")
 

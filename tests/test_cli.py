@@ -100,3 +100,63 @@ def test_info_describes_a_checkpoint(checkpoint):
     result = _run("info", str(checkpoint))
     assert result.exit_code == 0
     assert "h_rel" in result.output and "conv, fc" in result.output
+
+
+TINY_RECIPE = (
+    'name = "cli-tiny"\n[task]\nbatch_size = 16\n'
+    "[meta]\niterations = 2\nhorizon = 4\nunroll = 2\nvalidate_every = 2\n"
+    '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
+)
+
+
+def test_meta_train_save_every_creates_the_missing_out_parent(mnist_root, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "new" / "deeper" / "ck"
+    result = _run(
+        "meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root),
+        "--save-every", "1",
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "deeper" / "ck.meta-state" / "meta_state.json").is_file()
+    assert load_checkpoint(out).name == "cli-tiny"
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "where"),
+    [
+        ("transfer", "--out", "/proc/zoo"),
+        ("transfer", "--out", "/sys/zoo"),
+        ("bench", "--out", "/sys/zoo/deeper"),
+        ("meta-train", "--out", "/proc/zoo"),
+        ("meta-train", "--state-dir", "/sys/zoo"),
+    ],
+)
+def test_uncreatable_output_folders_are_refused_at_startup(
+    command, option, where, checkpoint, tmp_path
+):
+    args = [command]
+    if command == "transfer":
+        args += ["--src", str(checkpoint), "--steps", "1"]
+    if command == "meta-train":
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(TINY_RECIPE)
+        args += [str(recipe), "--data-root", str(tmp_path / "nodata")]
+        if option != "--out":
+            args += ["--out", str(tmp_path / "a" / "ck")]
+    result = CliRunner().invoke(main, [*args, option, where])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
+    assert "cannot be created or written" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "a").exists()  # the probe leaves nothing behind
+
+
+def test_out_below_a_file_says_the_file_is_a_file(checkpoint, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = CliRunner().invoke(
+        main, ["transfer", "--src", str(checkpoint), "--out", str(afile / "sub")]
+    )
+    assert result.exit_code == 2
+    assert f"{afile} is a file" in result.output

@@ -199,6 +199,7 @@ def _write_folder(directory: Path, files: dict[str, bytes]) -> None:
     checkpoint as it was.
     """
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
         recover(directory)
         staging = staging_dir(directory)
     except OSError as error:
