@@ -9,7 +9,6 @@ import logging
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -359,7 +358,7 @@ def meta_train_command(
         _writable_dir(state_dir, "--state-dir")
     data = load_dataset(plan.task.dataset, data_root)
     click.echo(f"data: {data.source}")
-    started = time.perf_counter()
+    command = "zoo meta-train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     with click.progressbar(
         length=plan.meta.iterations,
         label="meta-training",
@@ -377,9 +376,9 @@ def meta_train_command(
             state_dir=state_dir if (save_every or resume) else None,
             save_every=save_every,
             resume=resume,
+            command=command,
         )
-    minutes = (time.perf_counter() - started) / 60
-    command = "zoo meta-train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    minutes = (result.total_seconds or result.seconds) / 60  # all sessions of a resumed run
     config = _checkpoint_config(plan, data, result, command, minutes)
     card = _model_card(plan, data, result, command, minutes, config)
     save_checkpoint(out, result.nets, zoo.FeatureSpec(plan.update_net.features), config, card)
@@ -388,10 +387,21 @@ def meta_train_command(
         f"(untrained = Adam lr={plan.update_net.init_lr:g}: {result.validation[0][1]:.4f}); "
         f"{minutes:.1f} min"
     )
+    # A state is saved after each successful iteration that is a multiple of --save-every.
+    saved = bool(save_every) and any(it % save_every == 0 for it, _ in result.history)
     click.echo(
         f"skipped non-finite meta-iterations: {result.skipped}"
-        + (f"; resumable state in {state_dir}" if save_every else "")
+        + (f"; resumable state in {state_dir}" if saved else "")
     )
+    if result.skipped:
+        click.secho(
+            f"WARNING: {result.skipped} meta-iteration(s) went non-finite and were discarded "
+            f"(their tasks redrawn); {len(result.history)} succeeded. Run with -v to see where; "
+            "consider a lower meta.meta_lr or update_net.init_lr.",
+            err=True,
+            fg="yellow",
+            bold=True,
+        )
     click.echo(f"wrote {out}")
 
 
@@ -419,14 +429,18 @@ def _checkpoint_config(plan, data, result, command, minutes) -> dict:
             "validation_score_untrained": round(result.validation[0][1], 5),
             "validation_score_best": round(result.best_score, 5),
             "final_meta_loss_mean_last_20": round(sum(v for _, v in last) / max(len(last), 1), 5),
-            "meta_training_minutes": round(minutes, 2),
+            "meta_training_minutes": round(minutes, 2),  # summed over resumed sessions
+            "skipped_meta_iterations": result.skipped,
         },
         "command": command,
+        "commands": list(result.commands or (command,)),  # every session's, first to last
     }
 
 
 def _model_card(plan, data, result, command, minutes, config) -> str:
     kinds = ", ".join(plan.update_net.kinds)
+    sessions = config.get("commands") or [command]
+    commands = f"`{sessions[0]}`" + "".join(f", resumed with `{c}`" for c in sessions[1:])
     validation = "\n".join(f"| {it} | {score:.4f} |" for it, score in result.validation)
     tasks = ", ".join(
         f"{v.network} ({v.steps} steps, seeds {list(v.seeds)})" for v in plan.validation
@@ -446,18 +460,19 @@ datasets:
 
 {plan.description}
 
-A coordinate-wise LSTM optimizer (2 layers x {plan.update_net.hidden_size} units, one net per
+A coordinate-wise LSTM optimizer ({plan.update_net.num_layers} layer(s) x \
+{plan.update_net.hidden_size} units, one net per
 layer kind: {kinds}) with feature set `{plan.update_net.features}`, meta-trained with zoo
 {zoo.__version__} on the `{plan.task.network}` network and {plan.task.dataset}.
 
 ## How it was made
 
-- command: `{command}`
+- command: {commands}
 - data: {data.source}
 - meta-training: {plan.meta.iterations} meta-iterations of {plan.meta.unroll}-step unrolls,
   tasks of {plan.meta.horizon} steps, meta-loss `{plan.meta.meta_loss}`, Adam meta-optimizer
   lr {plan.meta.meta_lr:g}, meta-gradient clip {plan.meta.clip:g}
-- time: {minutes:.1f} minutes on the machine that ran the command
+- time: {minutes:.1f} minutes on the machine that ran the command(s), all sessions
 - final meta-loss (mean of the last 20 iterations):
   {config["metrics"]["final_meta_loss_mean_last_20"]}
 

@@ -160,3 +160,73 @@ def test_out_below_a_file_says_the_file_is_a_file(checkpoint, tmp_path):
     )
     assert result.exit_code == 2
     assert f"{afile} is a file" in result.output
+
+
+def test_meta_train_card_resume_and_state_message(mnist_root, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE.replace("[meta]", "[update_net]\nnum_layers = 1\n[meta]"))
+    out = tmp_path / "ck"
+    args = ["meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root)]
+    first = _run(*args, "--save-every", "5")  # never reached in 2 iterations: nothing saved
+    assert first.exit_code == 0, first.output
+    assert "resumable state" not in first.output
+    assert "1 layer(s) x 20 units" in (out / "README.md").read_text()
+    saved = _run(*args, "--save-every", "2")
+    assert f"resumable state in {tmp_path / 'ck.meta-state'}" in saved.output
+    minutes = load_checkpoint(out).config["metrics"]["meta_training_minutes"]
+    resumed = _run(*args, "--resume", "--iterations", "3")
+    assert resumed.exit_code == 0, resumed.output
+    config = load_checkpoint(out).config
+    assert len(config["commands"]) == 2
+    assert config["metrics"]["meta_training_minutes"] >= minutes
+    assert "resumed with `zoo meta-train" in (out / "README.md").read_text()
+
+
+def test_meta_train_says_prominently_that_iterations_were_discarded(
+    mnist_root, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    import zoo.meta
+
+    real = zoo.meta.meta_train
+    monkeypatch.setattr(
+        zoo.meta, "meta_train", lambda *a, **k: dataclasses.replace(real(*a, **k), skipped=2)
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE)
+    result = CliRunner().invoke(
+        main, ["meta-train", str(recipe), "--out", str(tmp_path / "ck"),
+               "--data-root", str(mnist_root)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "WARNING: 2 meta-iteration(s) went non-finite and were discarded" in result.output
+
+
+def test_meta_train_with_no_successful_iteration_fails_and_writes_nothing(
+    mnist_root, tmp_path, monkeypatch
+):
+    import math
+
+    import torch
+
+    import zoo.meta
+
+    real = zoo.meta.curvature_pass
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        for name in result.hessian_diag:
+            result.hessian_diag[name] = torch.full_like(result.hessian_diag[name], math.inf)
+        return result
+
+    monkeypatch.setattr(zoo.meta, "curvature_pass", poisoned)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "ck"
+    result = CliRunner().invoke(
+        main, ["meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "no meta-iteration succeeded" in result.output
+    assert not out.exists()

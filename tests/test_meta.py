@@ -44,6 +44,17 @@ def test_shipped_recipe_parses():
         ({"update_net": {"features": "q"}}, r"unknown feature set 'q'"),
         ({"colour": "red"}, r"recipe: unknown key\(s\) colour"),
         ({"meta": {"horizon": 3, "unroll": 5}}, r"meta.horizon = 3 is invalid; allowed: >= meta.unroll"),
+        ({"meta": {"meta_lr": math.inf}}, r"meta.meta_lr = inf is invalid; allowed: finite and > 0"),
+        ({"meta": {"clip": math.inf}}, r"meta.clip = inf is invalid; allowed: finite and > 0"),
+        ({"meta": {"seed": -1}}, r"meta.seed = -1 is invalid"),
+        ({"update_net": {"init_lr": math.inf}}, r"update_net.init_lr = inf is invalid"),
+        ({"update_net": {"init_lr": math.nan}}, r"update_net.init_lr = nan is invalid"),
+        ({"task": {"widths": [1.0, math.inf]}}, r"task.widths = \(1.0, inf\) is invalid"),
+        ({"task": {"init_scale": [1.0, math.inf]}}, r"task.init_scale = \(1.0, inf\) is invalid"),
+        ({"update_net": {"hidden_size": 40000}}, r"update_net.hidden_size = 40000 .* 1..4096"),
+        ({"update_net": {"num_layers": 17}}, r"update_net.num_layers = 17 .* 1..16"),
+        ({"validation": [{"seeds": [99999999999999999999]}]}, r"seeds .* 0 <= seed < 2\*\*63"),
+        ({"validation": [{"seeds": [-3]}]}, r"seeds = \[-3\] is invalid"),
     ],
 )
 def test_bad_recipes_name_the_key_and_what_is_allowed(patch, message):
@@ -62,3 +73,65 @@ def test_malformed_toml_names_the_file(tmp_path):
     path.write_text("name = [unclosed\n")
     with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
         load_recipe(path)
+
+
+def test_subset_larger_than_the_training_split_warns_and_uses_all(tiny_data, caplog):
+    raw = {
+        **TINY,
+        "task": {**TINY["task"], "subset": 10_000},
+        "meta": {"iterations": 1, "horizon": 2, "unroll": 2, "validate_every": 1},
+        "validation": [{"network": "small", "steps": 1, "seeds": [7]}],
+    }
+    with caplog.at_level("WARNING", logger="zoo.meta"):
+        result = meta_train(parse_recipe(raw), tiny_data)
+    assert len(result.history) == 1
+    assert "task.subset = 10000 exceeds the 192 training examples" in caplog.text
+    assert "a warning, not an error" in caplog.text
+
+
+def test_huge_validation_seed_below_2_63_trains(tiny_data):
+    raw = {
+        **TINY,
+        "meta": {"iterations": 1, "horizon": 2, "unroll": 2, "validate_every": 1},
+        "validation": [{"network": "small", "steps": 1, "seeds": [2**63 - 1]}],
+    }
+    assert len(meta_train(parse_recipe(raw), tiny_data).history) == 1
+
+
+def test_a_run_with_no_successful_meta_iteration_raises(tiny_data, monkeypatch):
+    import zoo.meta
+    from zoo.errors import NonFiniteError
+
+    real = zoo.meta.curvature_pass
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        for name in result.hessian_diag:
+            result.hessian_diag[name] = torch.full_like(result.hessian_diag[name], math.inf)
+        return result
+
+    monkeypatch.setattr(zoo.meta, "curvature_pass", poisoned)
+    raw = {
+        **TINY,
+        "meta": {"iterations": 3, "horizon": 2, "unroll": 2, "validate_every": 3},
+        "validation": [{"network": "small", "steps": 1, "seeds": [7]}],
+    }
+    with pytest.raises(NonFiniteError, match="no meta-iteration succeeded: all 3 were non-finite"):
+        meta_train(parse_recipe(raw), tiny_data)
+
+
+def test_resumed_run_sums_the_time_and_lists_both_commands(tiny_data, tmp_path):
+    raw = {
+        **TINY,
+        "meta": {"iterations": 2, "horizon": 2, "unroll": 1, "validate_every": 2},
+        "validation": [{"network": "small", "steps": 1, "seeds": [7]}],
+    }
+    state = tmp_path / "s"
+    first = meta_train(parse_recipe(raw), tiny_data, state_dir=state, save_every=2, command="one")
+    assert first.commands == ("one",) and first.total_seconds == first.seconds
+    raw["meta"] = {**raw["meta"], "iterations": 3}
+    again = meta_train(
+        parse_recipe(raw), tiny_data, state_dir=state, resume=True, command="two"
+    )
+    assert again.commands == ("one", "two")
+    assert again.total_seconds > again.seconds

@@ -348,7 +348,8 @@ def batch_sampler(data: Dataset, batch_size: int, seed: int, subset: int = 0) ->
     def batches(step: int):
         # Deterministic in (seed, step): the same batches whoever asks, in any order.
         if step not in cache:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            # Reduced below 2**63 (a no-op for ordinary seeds): huge seeds must not overflow.
+            g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
             if pool is None:
                 idx = torch.randint(0, n, (batch_size,), generator=g)
             else:

@@ -200,23 +200,46 @@ def _validate(recipe: Recipe) -> None:
             get_network(v.network)
     except UnknownNameError as error:
         raise ConfigError(f"recipe: {error}") from error
+    from .checkpoint import MAX_HIDDEN_SIZE, MAX_LAYERS
+
     for v in recipe.validation:
         if v.steps < 1:
             raise ConfigError(f"recipe [[validation]] steps must be >= 1, got {v.steps}")
+        if not all(0 <= s < 2**63 for s in v.seeds):
+            raise ConfigError(
+                f"recipe [[validation]] seeds = {list(v.seeds)!r} is invalid; "
+                "allowed: integers with 0 <= seed < 2**63"
+            )
     FeatureSpec(u.features)
+
+    def positive(x: float) -> bool:
+        return math.isfinite(x) and x > 0
+
     checks = [
         ("task.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
         ("task.subset", t.subset, t.subset >= 0, ">= 0"),
-        ("task.widths", t.widths, all(w > 0 for w in t.widths), "all > 0"),
+        ("task.widths", t.widths, all(positive(w) for w in t.widths), "all finite and > 0"),
         (
             "task.init_scale",
             t.init_scale,
-            len(t.init_scale) == 2 and 0 < t.init_scale[0] <= t.init_scale[1],
-            "[low, high] with 0 < low <= high",
+            len(t.init_scale) == 2
+            and all(positive(s) for s in t.init_scale)
+            and t.init_scale[0] <= t.init_scale[1],
+            "[low, high] with 0 < low <= high, finite",
         ),
-        ("update_net.hidden_size", u.hidden_size, u.hidden_size >= 1, ">= 1"),
-        ("update_net.num_layers", u.num_layers, u.num_layers >= 1, ">= 1"),
-        ("update_net.init_lr", u.init_lr, u.init_lr > 0, "> 0"),
+        (
+            "update_net.hidden_size",
+            u.hidden_size,
+            1 <= u.hidden_size <= MAX_HIDDEN_SIZE,
+            f"1..{MAX_HIDDEN_SIZE} (what a checkpoint may hold)",
+        ),
+        (
+            "update_net.num_layers",
+            u.num_layers,
+            1 <= u.num_layers <= MAX_LAYERS,
+            f"1..{MAX_LAYERS} (what a checkpoint may hold)",
+        ),
+        ("update_net.init_lr", u.init_lr, positive(u.init_lr), "finite and > 0"),
         (
             "update_net.kinds",
             u.kinds,
@@ -226,8 +249,9 @@ def _validate(recipe: Recipe) -> None:
         ("meta.iterations", m.iterations, m.iterations >= 1, ">= 1"),
         ("meta.unroll", m.unroll, m.unroll >= 1, ">= 1"),
         ("meta.horizon", m.horizon, m.horizon >= m.unroll, ">= meta.unroll"),
-        ("meta.meta_lr", m.meta_lr, m.meta_lr > 0, "> 0"),
-        ("meta.clip", m.clip, m.clip > 0, "> 0"),
+        ("meta.meta_lr", m.meta_lr, positive(m.meta_lr), "finite and > 0"),
+        ("meta.clip", m.clip, positive(m.clip), "finite and > 0"),
+        ("meta.seed", m.seed, 0 <= m.seed <= 2**40, "0..2**40"),
         ("meta.meta_loss", m.meta_loss, m.meta_loss in ("log", "sum"), "'log' or 'sum'"),
         ("meta.validate_every", m.validate_every, m.validate_every >= 1, ">= 1"),
     ]
@@ -389,8 +413,10 @@ class MetaResult:
     validation: list[tuple[int, float]]  # (iteration, score; lower is better)
     best_iteration: int
     best_score: float
-    seconds: float
+    seconds: float  # this session's
     skipped: int = 0
+    total_seconds: float = 0.0  # over all sessions of a resumed run (= seconds without resume)
+    commands: tuple[str, ...] = ()  # the command of each session, first to last
 
 
 def meta_train(
@@ -401,6 +427,7 @@ def meta_train(
     state_dir: str | Path | None = None,
     save_every: int = 0,
     resume: bool = False,
+    command: str | None = None,
 ) -> MetaResult:
     """Meta-train update nets as ``recipe`` says; returns the best-validated nets.
 
@@ -408,7 +435,10 @@ def meta_train(
     after every K-th iteration (:mod:`zoo.meta_state`); ``resume=True`` continues from it,
     and the result equals an uninterrupted run bitwise (CPU). A run that goes non-finite
     stops with a ``NonFiniteError`` naming the layer kind and input feature where it
-    started; the last saved state is kept.
+    started; the last saved state is kept. ``command`` (how this session was started) is
+    kept in the state, so a resumed run's result lists every session's command and
+    ``total_seconds`` sums their time. A run whose every meta-iteration was non-finite
+    raises ``NonFiniteError`` instead of returning the untrained nets.
     """
     from . import meta_state
 
@@ -418,6 +448,14 @@ def meta_train(
         raise ConfigError("save_every and resume need state_dir, the folder of the state")
     u, t, m = recipe.update_net, recipe.task, recipe.meta
     spec = FeatureSpec(u.features)
+    if t.subset > len(data.train_y):
+        logger.warning(
+            "recipe task.subset = %d exceeds the %d training examples of %s; training on all "
+            "of them (a warning, not an error)",
+            t.subset,
+            len(data.train_y),
+            data.source,
+        )
     torch.manual_seed(m.seed)
     keys = u.kinds
     if u.per_layer:
@@ -473,7 +511,9 @@ def meta_train(
         run, runs = loop["run"], loop["runs"]
         best, best_score, best_iteration = loop["best"], loop["best_score"], loop["best_iteration"]
         skipped, consecutive_bad = loop["skipped"], loop["consecutive_bad"]
+        elapsed_before, commands = loop["elapsed"], loop["commands"]
     else:
+        elapsed_before, commands = 0.0, []
         history, validation = [], []
         best_score = validate()
         best = copy.deepcopy(nets)
@@ -483,6 +523,8 @@ def meta_train(
         runs = 0
         run = new_run(runs)
         skipped = consecutive_bad = 0
+    if command:
+        commands = [*commands, command]
     first_fault = None
     for iteration in range(start, m.iterations + 1):
         if run.step >= m.horizon:
@@ -540,6 +582,12 @@ def meta_train(
         if save_every and iteration % save_every == 0:
             meta_state.save(state_dir, iteration=iteration, recipe=recipe, loop=locals())
             saved_at = iteration + 1
+    if not history:
+        raise NonFiniteError(
+            f"no meta-iteration succeeded: all {skipped} were non-finite (the first at "
+            f"{first_fault}); the nets are untrained. Lower meta.meta_lr or update_net.init_lr"
+        )
+    seconds = time.perf_counter() - started
     return MetaResult(
         nets=best,
         recipe=recipe,
@@ -547,8 +595,10 @@ def meta_train(
         validation=validation,
         best_iteration=best_iteration,
         best_score=best_score,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         skipped=skipped,
+        total_seconds=elapsed_before + seconds,
+        commands=tuple(commands),
     )
 
 

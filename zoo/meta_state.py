@@ -22,9 +22,11 @@ layer kind (net), the input feature and the parameter.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 META_STATE_FORMAT = "zoo.meta-state/1"
 NAME = "meta_state"
+SESSIONS = "sessions.json"  # time and command of each session (not part of the state)
 # Recipe entries a resumed run may change: how long to run, and how often to validate.
 RESUMABLE_CHANGES = {("meta", "iterations")}
 
@@ -63,8 +66,9 @@ def save(directory: str | os.PathLike, *, iteration: int, recipe, loop: dict) ->
 
     ``loop`` holds the loop's variables by name: ``nets``, ``best``, ``meta_opt``, ``rng``,
     ``run``, ``runs``, ``skipped``, ``consecutive_bad``, ``history``, ``validation``,
-    ``best_score``, ``best_iteration``. Refuses (``NonFiniteError``) to save NaN weights,
-    so the folder always holds the last good state.
+    ``best_score``, ``best_iteration``, ``started``, ``elapsed_before``, ``commands``.
+    Refuses (``NonFiniteError``) to save NaN weights, so the folder always holds the last
+    good state.
     """
     directory = Path(directory)
     nets, run = loop["nets"], loop["run"]
@@ -105,7 +109,20 @@ def save(directory: str | os.PathLike, *, iteration: int, recipe, loop: dict) ->
         },
     }
     payload, text = dump_tree(tree)
-    _write_folder(directory, {f"{NAME}.safetensors": payload, f"{NAME}.json": text})
+    # Time and commands of every session so far (for the card of a resumed run), kept
+    # apart from the state so that the state stays byte-identical, resumed or not.
+    sessions = {
+        "elapsed_seconds": float(loop["elapsed_before"] + time.perf_counter() - loop["started"]),
+        "commands": list(loop["commands"]),
+    }
+    _write_folder(
+        directory,
+        {
+            f"{NAME}.safetensors": payload,
+            f"{NAME}.json": text,
+            SESSIONS: (json.dumps(sessions, indent=2) + "\n").encode(),
+        },
+    )
     logger.info("saved meta-training state at iteration %d to %s", iteration, directory)
     return directory
 
@@ -142,7 +159,34 @@ def load(
     except OSError as error:
         raise CheckpointError(f"cannot read {directory}: {describe_os_error(error)}") from error
     tree = parse_tree(payload, text, str(directory / f"{NAME}.json"))
-    return restore(tree, recipe, nets, meta_opt, rng, rebuild_run, str(directory))
+    loop = restore(tree, recipe, nets, meta_opt, rng, rebuild_run, str(directory))
+    return {**loop, **read_sessions(directory)}
+
+
+def read_sessions(directory: str | os.PathLike) -> dict:
+    """``{"elapsed": seconds, "commands": [...]}`` of the sessions saved in ``directory``.
+
+    Provenance only: a missing (older state) or malformed file gives zero and no commands,
+    with a warning, and never stops a resume.
+    """
+    path = Path(directory) / SESSIONS
+    try:
+        sessions = json.loads(path.read_text(encoding="utf-8"))
+        elapsed, commands = sessions["elapsed_seconds"], sessions["commands"]
+        if not (
+            isinstance(elapsed, int | float)
+            and math.isfinite(elapsed)
+            and elapsed >= 0
+            and isinstance(commands, list)
+            and all(isinstance(c, str) for c in commands)
+        ):
+            raise ValueError("unexpected values")
+    except FileNotFoundError:
+        return {"elapsed": 0.0, "commands": []}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("ignoring %s (%s): earlier sessions' time and commands unknown", path, error)
+        return {"elapsed": 0.0, "commands": []}
+    return {"elapsed": float(elapsed), "commands": commands}
 
 
 def _require(condition: bool, where: str, what: str) -> None:
