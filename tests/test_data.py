@@ -55,3 +55,23 @@ def test_batches_depend_only_on_seed_and_step(tiny_data):
     xb, yb = b(5)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a(6)[0], xa)
+
+
+def _idx_bytes(*dims: int, body: bytes | None = None) -> bytes:
+    header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    size = 1
+    for d in dims:
+        size *= d
+    return header + (body if body is not None else bytes(size))
+
+
+def test_out_of_range_mnist_labels_name_the_file(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(_idx_bytes(4, 28, 28))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(2, 28, 28))
+    (raw / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(4, body=bytes([1, 2, 3, 4])))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(2, body=bytes([7, 200])))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is not an MNIST label file: "
+                       r"labels must be digits 0..9, found \[200\]"):
+        load_dataset("mnist", tmp_path)

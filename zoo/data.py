@@ -165,6 +165,15 @@ def _mnist_from_dir(directory: Path, label: str) -> Dataset:
         raise DataError(f"cannot read MNIST from {directory}: {error}") from error
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise DataError(f"MNIST in {directory}: image and label counts differ")
+    for stem, labels in (("train-labels-idx1-ubyte", train_y), ("t10k-labels-idx1-ubyte", test_y)):
+        if labels.ndim != 1 or (labels.size and int(labels.max()) > 9):
+            path = directory / stem
+            path = path if path.is_file() else directory / f"{stem}.gz"
+            bad = sorted({int(v) for v in labels.reshape(-1) if v > 9})[:5]
+            raise DataError(
+                f"{path} is not an MNIST label file: labels must be digits 0..9"
+                + (f", found {bad}" if bad else f", got shape {labels.shape}")
+            )
     return Dataset(
         "mnist",
         _normalise(torch.from_numpy(train_x.copy()).unsqueeze(1), MNIST_MEAN, MNIST_STD),
