@@ -16,7 +16,7 @@ import click
 import zoo
 from zoo.errors import ZooError
 
-DEFAULT_ADAM_GRID = "5e-4,1e-3,2e-3,3e-3,5e-3"
+DEFAULT_ADAM_GRID = "5e-4,1e-3,2e-3,3e-3,5e-3,1e-2"  # {1,2,3,5}x10^k around Adam's usual optimum
 TUNING_SEED = 10_000  # Adam's learning rate is chosen on this seed, never on a reported one
 
 
@@ -358,7 +358,7 @@ def meta_train_command(
         _writable_dir(state_dir, "--state-dir")
     data = load_dataset(plan.task.dataset, data_root)
     click.echo(f"data: {data.source}")
-    command = "zoo meta-train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with click.progressbar(
         length=plan.meta.iterations,
         label="meta-training",
