@@ -31,3 +31,42 @@ def test_layer_counts_are_as_named():
 def test_unknown_network_lists_the_known_ones():
     with pytest.raises(UnknownNameError, match="unknown network 'huge'; known networks: big, small"):
         build_network("huge", (1, 28, 28))
+
+
+FACTORIES = '''
+import torch.nn as nn
+def good(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))
+def noparams():
+    return nn.Sequential(nn.Flatten(), nn.Identity())
+def bad_out():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))
+def boom():
+    raise RuntimeError("factory exploded")
+'''
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        (":make", r"network factory ':make' names no module; expected package.module:function"),
+        ("zoo_qa_nets:", r"names no function"),
+        ("zoo_qa_nets:noparams", r"'zoo_qa_nets:noparams' returned a model with no trainable"),
+        ("zoo_qa_nets:bad_out", r"'zoo_qa_nets:bad_out': its model maps .* to \(2, 7\), "
+         r"expected \(2, 10\)"),
+        ("zoo_qa_nets:boom", r"'zoo_qa_nets:boom' raised RuntimeError: factory exploded; fix"),
+    ],
+)
+def test_bad_factories_are_clean_errors_naming_the_factory(ref, message, tmp_path, monkeypatch):
+    from zoo.errors import ZooError
+
+    (tmp_path / "zoo_qa_nets.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ZooError, match=message):
+        build_network(ref, (1, 28, 28), 10)
+    assert count_parameters(build_network("zoo_qa_nets:good", (1, 28, 28), 10)) == 7850
+
+
+def test_torchvision_builder_as_a_factory_gets_num_classes():
+    model = build_network("torchvision.models:resnet18", (3, 32, 32), 7)
+    assert model.fc.out_features == 7

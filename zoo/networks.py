@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnknownNameError
+from .errors import ConfigError, UnknownNameError, ZooError
 
 __all__ = [
     "NETWORKS",
@@ -144,32 +144,84 @@ def _torchvision_spec(name: str) -> NetworkSpec:
 
 def _factory_spec(ref: str) -> NetworkSpec:
     module_name, _, attr = ref.partition(":")
+    if not module_name.strip() or not attr.strip():
+        raise UnknownNameError(
+            f"network factory {ref!r} names no {'module' if not module_name.strip() else 'function'}"
+            "; expected package.module:function, e.g. mypkg.nets:make"
+        )
     try:
         function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
+    except (ImportError, AttributeError, ValueError) as error:
         raise UnknownNameError(
             f"cannot load network factory {ref!r} ({error}); expected package.module:function "
             "importable from the current environment"
         ) from error
+    except Exception as error:  # the module itself failed while importing
+        raise ConfigError(
+            f"importing network factory {ref!r} raised {type(error).__name__}: {error}; "
+            f"fix the module {module_name}"
+        ) from error
     if not callable(function):
         raise ConfigError(f"network factory {ref!r} is not callable")
     try:
-        accepted = set(inspect.signature(function).parameters)
+        parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):  # builtins without a signature: pass nothing
-        accepted = set()
+        parameters = {}
+    accepted = set(parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted.add("num_classes")  # e.g. torchvision.models:resnet18(**kwargs)
 
     def factory(input_shape: Shape, num_classes: int, width: float = 1.0) -> nn.Module:
         if width != 1.0:
             raise ConfigError(f"width={width} is only supported by zoo's own networks, not {ref}")
         offered = {"input_shape": tuple(input_shape), "num_classes": num_classes}
-        model = function(**{k: v for k, v in offered.items() if k in accepted})
+        try:
+            model = function(**{k: v for k, v in offered.items() if k in accepted})
+        except ZooError:
+            raise
+        except Exception as error:
+            raise ConfigError(
+                f"network factory {ref!r} raised {type(error).__name__}: {error}; fix the "
+                "factory (it is called with the keyword arguments it accepts among "
+                "input_shape and num_classes)"
+            ) from error
         if not isinstance(model, nn.Module):
             raise ConfigError(
                 f"network factory {ref!r} returned {type(model).__name__}, not nn.Module"
             )
+        _check_factory_model(ref, model, tuple(input_shape), num_classes)
         return model
 
     return NetworkSpec(ref, f"user factory {ref}", factory)
+
+
+def _check_factory_model(ref: str, model: nn.Module, input_shape: Shape, num_classes: int):
+    """A factory's model must have trainable parameters and ``num_classes`` outputs."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            f"network factory {ref!r} returned a model with no trainable parameters: "
+            "there is nothing to optimize; return a model with parameters"
+        )
+    probe = torch.zeros(2, *input_shape)
+    training = model.training
+    try:
+        model.eval()  # no batch-norm statistics are touched
+        with torch.no_grad():
+            output = model(probe)
+    except Exception as error:
+        raise ConfigError(
+            f"network factory {ref!r}: its model fails on a batch of shape {tuple(probe.shape)} "
+            f"({type(error).__name__}: {error}); it must take the dataset's inputs"
+        ) from error
+    finally:
+        model.train(training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape != (2, num_classes):
+        raise ConfigError(
+            f"network factory {ref!r}: its model maps a batch of shape {tuple(probe.shape)} to "
+            f"{shape or type(output).__name__}, expected {(2, num_classes)} (one logit per "
+            f"class); give it {num_classes} outputs (accept a num_classes argument)"
+        )
 
 
 def get_network(name: str) -> NetworkSpec:
