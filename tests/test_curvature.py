@@ -547,3 +547,34 @@ def test_attach_warns_when_declared_mode_differs_from_checkpoint():
     ):
         opt = pretrained.attach(model, curvature_mode="exact")
     assert opt.curvature_mode == "diagonal"
+
+
+def test_parameters_frozen_before_the_pass_are_skipped_and_the_optimizer_skips_them():
+    import zoo
+
+    torch.set_default_dtype(torch.float32)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    zoo.curvature.backward(model, x, y)
+    frozen = model[0].weight
+    assert frozen.grad is None and not hasattr(frozen, "hessian_diag")
+    assert model[0].bias.hessian_diag.abs().sum() > 0  # curvature still reaches below it
+    optimizer = _optimizer(model)
+    before = frozen.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        zoo.curvature.backward(model, x, y)
+        optimizer.step()
+    assert torch.equal(frozen, before)
+
+
+def test_no_trainable_parameters_and_bad_targets_are_curvature_errors():
+    import zoo
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(CurvatureError, match="class targets must lie in 0..2 for the model's 3"):
+        zoo.curvature.backward(model, torch.randn(2, 4), torch.tensor([1, 200]))
+    model.requires_grad_(False)
+    with pytest.raises(CurvatureError, match="no trainable parameters"):
+        zoo.curvature.backward(model, torch.randn(2, 4), torch.tensor([1, 2]))

@@ -282,8 +282,24 @@ def _output_hessian_factor(output: Tensor, loss: str) -> Tensor:
     return factor * scale
 
 
+def _check_classes(output: Tensor, target: Tensor) -> None:
+    """Integer class targets must lie in 0..C-1 for the C outputs (CUDA would assert)."""
+    if target.dtype.is_floating_point or target.dtype == torch.bool or output.dim() < 2:
+        return  # class probabilities, or nothing to check against
+    classes = output.shape[1]
+    if target.numel() and bool(((target < 0) | (target >= classes)).any()):
+        low, high = int(target.min()), int(target.max())
+        raise CurvatureError(
+            f"class targets must lie in 0..{classes - 1} for the model's {classes} outputs "
+            f"(classes), got values in {low}..{high}; check the labels or the model's "
+            "number of classes"
+        )
+
+
 def _loss_value(output: Tensor, target: Tensor, loss: str) -> Tensor:
     _check_loss(loss)
+    if loss in ("cross_entropy", "cross_entropy_sum"):
+        _check_classes(output, target)
     if loss == "cross_entropy":
         return F.cross_entropy(output, target)
     if loss == "cross_entropy_sum":
@@ -1024,6 +1040,11 @@ def curvature_pass(
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = [n for n, t in params.items() if t.requires_grad]
+    if not names:
+        raise CurvatureError(
+            "the model has no trainable parameters (every one has requires_grad=False); "
+            "unfreeze some before the curvature pass"
+        )
     tensors = [params[n] for n in names]
     result_node = next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0]
     if not isinstance(result_node, fx.Node):
@@ -1098,7 +1119,8 @@ def curvature_pass(
                 recorder.masks,
                 recorder.indices,
                 {n: g.detach() for n, g in zip(smooth, node_grads, strict=True) if g is not None},
-                lambda name: params[name].detach(),
+                # Frozen parameters get no curvature but still carry it to the layers below.
+                lambda name: (params[name] if name in params else gm.get_parameter(name)).detach(),
                 facts.needs_h,
                 activation,
             )
