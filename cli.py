@@ -39,6 +39,12 @@ def _positive(ctx, param, value):
     return value
 
 
+def _chunk_size(ctx, param, value: str) -> str:
+    if value in ("auto", "off") or (value.isdigit() and int(value) > 0):
+        return value
+    raise click.BadParameter(f"expected auto, off or a positive integer, got {value!r}")
+
+
 def _grid(ctx, param, value: str) -> list[float]:
     try:
         grid = [float(v) for v in value.split(",") if v.strip()]
@@ -580,7 +586,7 @@ def _attach(pretrained, model, *, options):
 )
 @click.option(
     "--workers",
-    type=int,
+    type=click.IntRange(min=0),
     default=4,
     show_default=True,
     help="DataLoader worker processes for imagenet (0: load in the main process).",
@@ -589,6 +595,7 @@ def _attach(pretrained, model, *, options):
     "--chunk-size",
     default="auto",
     show_default=True,
+    callback=_chunk_size,
     help="Coordinates per chunk of the fused update-net evaluation; 'auto': the one-shot "
     "path up to 1M parameters, 2048 above; 'off': always one-shot.",
 )
@@ -668,8 +675,11 @@ def transfer(
         chunk = None
     elif chunk_size.isdigit() and int(chunk_size) > 0:
         chunk = int(chunk_size)
-    else:
-        raise click.BadParameter(f"expected auto, off or a positive integer, got {chunk_size!r}")
+    else:  # _chunk_size has checked it already
+        raise click.BadParameter(
+            f"expected auto, off or a positive integer, got {chunk_size!r}",
+            param_hint="'--chunk-size'",
+        )
     update_options = UpdateOptions(
         chunk_size=chunk,
         state_dtype=torch.bfloat16 if lstm_state == "bf16" else torch.float32,
@@ -944,7 +954,7 @@ def _grid_option(method: str, default: tuple[float, ...]):
 )
 @click.option(
     "--long-factor",
-    type=int,
+    type=click.IntRange(min=0),
     default=10,
     show_default=True,
     help="Longer-than-trained runs: this many meta-training horizons (0: skip).",

@@ -179,7 +179,7 @@ def test_meta_train_card_resume_and_state_message(mnist_root, tmp_path):
     config = load_checkpoint(out).config
     assert len(config["commands"]) == 2
     assert config["metrics"]["meta_training_minutes"] >= minutes
-    assert "resumed with `zoo meta-train" in (out / "README.md").read_text()
+    assert "resumed with `zoo " in (out / "README.md").read_text()
 
 
 def test_meta_train_says_prominently_that_iterations_were_discarded(
@@ -230,3 +230,26 @@ def test_meta_train_with_no_successful_iteration_fails_and_writes_nothing(
     assert result.exit_code == 1, result.output
     assert "no meta-iteration succeeded" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "-1"], "Invalid value for '--workers': -1 is not in the range x>=0"),
+        (["--chunk-size", "0"], "Invalid value for '--chunk-size': expected auto, off or a"),
+        (["--chunk-size", "lots"], "Invalid value for '--chunk-size'"),
+    ],
+)
+def test_transfer_option_errors_name_the_option(args, message, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["transfer", "--src", str(checkpoint), "--out", str(out), *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_bench_long_factor_must_not_be_negative(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--long-factor", "-2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "'--long-factor'" in result.output
