@@ -55,6 +55,28 @@ def _grid(ctx, param, value: str) -> list[float]:
     return grid
 
 
+def _command_line(name: str) -> str:
+    """The command as typed, for records; rebuilt from the parsed options when zoo was not
+    started from a shell (CliRunner, ``python -m``), where ``sys.argv`` is someone else's."""
+    argv = sys.argv[1:]
+    if name in argv:
+        return "zoo " + " ".join(shlex.quote(a) for a in argv)
+    ctx = click.get_current_context()
+    parts = ["zoo", name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or value == param.default:
+            continue
+        if isinstance(param, click.Argument):
+            parts.append(shlex.quote(str(value)))
+        elif value is True:
+            parts.append(param.opts[0])
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            parts += [param.opts[0], shlex.quote(shown)]
+    return " ".join(parts)
+
+
 def _writable_dir(path: Path, option: str = "--out") -> Path:
     """Check at startup that folder ``path`` can be created and written, leaving nothing.
 
@@ -364,7 +386,7 @@ def meta_train_command(
         _writable_dir(state_dir, "--state-dir")
     data = load_dataset(plan.task.dataset, data_root)
     click.echo(f"data: {data.source}")
-    command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line("meta-train")
     with click.progressbar(
         length=plan.meta.iterations,
         label="meta-training",
@@ -1007,7 +1029,7 @@ def bench(**options) -> None:
         click.echo(f"note: {note}", err=True)
     with click.progressbar(length=plan.total_steps, label="bench", show_pos=True) as bar:
         cells = run_bench(plan, progress=bar.update)
-    command = "zoo bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = _command_line("bench")
     try:
         text = write_report(cells, config, out, command)
     except OSError as error:
