@@ -609,8 +609,8 @@ def _attach(pretrained, model, *, options):
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
-    default=4,
-    show_default=True,
+    default=min(4, os.cpu_count() or 1),
+    show_default="min(4, CPU count)",
     help="DataLoader worker processes for imagenet (0: load in the main process).",
 )
 @click.option(
