@@ -660,8 +660,23 @@ def _attach(pretrained, model, *, options):
 )
 @_friendly
 def transfer(
-    src, dst, dataset, data_root, steps, seeds, batch_size, adam_grid, device, precision,
-    workers, chunk_size, lstm_state, hessian_every, eval_examples, test_examples, out,
+    src,
+    dst,
+    dataset,
+    data_root,
+    steps,
+    seeds,
+    batch_size,
+    adam_grid,
+    device,
+    precision,
+    workers,
+    chunk_size,
+    lstm_state,
+    hessian_every,
+    eval_examples,
+    test_examples,
+    out,
 ) -> None:
     """Attach a learned optimizer per layer kind to --dst, train it, and compare with Adam."""
     import torch

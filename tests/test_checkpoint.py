@@ -23,7 +23,9 @@ def test_round_trip_restores_every_tensor(tmp_path):
     loaded = load_checkpoint(tmp_path / "ck")
     assert sorted(loaded.nets) == ["conv", "fc"]
     for kind, net in nets.items():
-        for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.nets[kind].state_dict().items(), strict=True):
+        for (k, a), (k2, b) in zip(
+            net.state_dict().items(), loaded.nets[kind].state_dict().items(), strict=True
+        ):
             assert k == k2 and torch.equal(a, b)
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["schema_version"] == 1

@@ -27,14 +27,32 @@ def _run(*args):
 def test_transfer_end_to_end_on_real_mnist(checkpoint, mnist_root, tmp_path):
     out = tmp_path / "out"
     result = _run(
-        "transfer", "--src", str(checkpoint), "--dst", "big", "--data-root", str(mnist_root),
-        "--steps", "4", "--seeds", "2", "--adam-grid", "1e-3,3e-3", "--out", str(out),
-        "--eval-examples", "256", "--test-examples", "500",
+        "transfer",
+        "--src",
+        str(checkpoint),
+        "--dst",
+        "big",
+        "--data-root",
+        str(mnist_root),
+        "--steps",
+        "4",
+        "--seeds",
+        "2",
+        "--adam-grid",
+        "1e-3,3e-3",
+        "--out",
+        str(out),
+        "--eval-examples",
+        "256",
+        "--test-examples",
+        "500",
     )
     assert result.exit_code == 0, result.output
     assert "data: MNIST: 10,000 train" in result.output
     assert "conv1.weight" in result.output and "fc2.bias" in result.output
-    assert "total -> conv: 6 tensors / 14,048 coords, fc: 4 tensors / 38,282 coords" in result.output
+    assert (
+        "total -> conv: 6 tensors / 14,048 coords, fc: 4 tensors / 38,282 coords" in result.output
+    )
     assert "| zoo tiny-ck |" in result.output and "| Adam lr=" in result.output
     png = out / "transfer-big-mnist.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,8 +97,12 @@ def test_transfer_bad_input_exits_non_zero_and_writes_nothing(args, message, che
     if "--src" not in args:
         args = ["--src", str(checkpoint), *args]
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["transfer", *args, "--out", str(out), "--steps", "1"]
-                                if "--steps" not in args else ["transfer", *args, "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        ["transfer", *args, "--out", str(out), "--steps", "1"]
+        if "--steps" not in args
+        else ["transfer", *args, "--out", str(out)],
+    )
     assert result.exit_code != 0
     assert message in result.output
     assert not out.exists()
@@ -114,8 +136,14 @@ def test_meta_train_save_every_creates_the_missing_out_parent(mnist_root, tmp_pa
     recipe.write_text(TINY_RECIPE)
     out = tmp_path / "new" / "deeper" / "ck"
     result = _run(
-        "meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root),
-        "--save-every", "1",
+        "meta-train",
+        str(recipe),
+        "--out",
+        str(out),
+        "--data-root",
+        str(mnist_root),
+        "--save-every",
+        "1",
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "new" / "deeper" / "ck.meta-state" / "meta_state.json").is_file()
@@ -196,8 +224,8 @@ def test_meta_train_says_prominently_that_iterations_were_discarded(
     recipe = tmp_path / "r.toml"
     recipe.write_text(TINY_RECIPE)
     result = CliRunner().invoke(
-        main, ["meta-train", str(recipe), "--out", str(tmp_path / "ck"),
-               "--data-root", str(mnist_root)],
+        main,
+        ["meta-train", str(recipe), "--out", str(tmp_path / "ck"), "--data-root", str(mnist_root)],
     )
     assert result.exit_code == 0, result.output
     assert "WARNING: 2 meta-iteration(s) went non-finite and were discarded" in result.output

@@ -72,6 +72,9 @@ def test_out_of_range_mnist_labels_name_the_file(tmp_path):
     (raw / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(2, 28, 28))
     (raw / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(4, body=bytes([1, 2, 3, 4])))
     (raw / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(2, body=bytes([7, 200])))
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is not an MNIST label file: "
-                       r"labels must be digits 0..9, found \[200\]"):
+    with pytest.raises(
+        DataError,
+        match=r"t10k-labels-idx1-ubyte is not an MNIST label file: "
+        r"labels must be digits 0..9, found \[200\]",
+    ):
         load_dataset("mnist", tmp_path)

@@ -82,7 +82,7 @@ def _worker(rank: int, port: int, options: UpdateOptions, out: str) -> None:
 def test_two_ranks_hold_bitwise_equal_parameters_and_lstm_state_after_every_step(tmp_path, options):
     out = tmp_path / "report.pt"
     mp.spawn(_worker, args=(_free_port(), options, str(out)), nprocs=2, join=True)
-    report = torch.load(out)
+    report = torch.load(out, weights_only=True)
     assert len(report) == STEPS
     for step, (equal, batches_differ) in enumerate(report, 1):
         assert batches_differ, f"step {step}: the ranks saw the same gradient"

@@ -13,7 +13,9 @@ def _layout(sizes):
 def test_first_step_matches_adam_moments():
     g = torch.tensor([0.5, -2.0, 1e-3])
     lay = _layout([3])
-    feats, adam_dir, state = compute_features(FeatureSpec("g"), init_state(3), g, None, lay.segments, lay.counts)
+    feats, adam_dir, state = compute_features(
+        FeatureSpec("g"), init_state(3), g, None, lay.segments, lay.counts
+    )
     m = (1 - BETA_FAST) * g / (1 - BETA_FAST)
     v = (1 - BETA_V) * g * g / (1 - BETA_V)
     expected = m / (v.sqrt() + EPS)
@@ -38,7 +40,9 @@ def test_features_are_invariant_to_the_loss_scale():
 def test_zero_curvature_gives_finite_features():
     lay = _layout([4, 4])
     h = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0])  # a wholly dead tensor, and zeros
-    feats, _, _ = compute_features(FeatureSpec("gh"), init_state(8), torch.randn(8), h, lay.segments, lay.counts)
+    feats, _, _ = compute_features(
+        FeatureSpec("gh"), init_state(8), torch.randn(8), h, lay.segments, lay.counts
+    )
     assert torch.isfinite(feats).all()
     assert feats.abs().max() <= 5.0
 
@@ -46,7 +50,9 @@ def test_zero_curvature_gives_finite_features():
 def test_relative_curvature_is_per_tensor():
     lay = _layout([2, 2])
     h = torch.tensor([1.0, 3.0, 100.0, 300.0])  # same ratios in both tensors
-    feats, _, _ = compute_features(FeatureSpec("gh"), init_state(4), torch.ones(4), h, lay.segments, lay.counts)
+    feats, _, _ = compute_features(
+        FeatureSpec("gh"), init_state(4), torch.ones(4), h, lay.segments, lay.counts
+    )
     torch.testing.assert_close(feats[:2, 3], feats[2:, 3])
     assert feats[0, 3] < 0 < feats[1, 3]
 

@@ -43,8 +43,14 @@ def test_shipped_recipe_parses():
         ({"task": {"network": "huge"}}, r"unknown network 'huge'; known networks: big, small"),
         ({"update_net": {"features": "q"}}, r"unknown feature set 'q'"),
         ({"colour": "red"}, r"recipe: unknown key\(s\) colour"),
-        ({"meta": {"horizon": 3, "unroll": 5}}, r"meta.horizon = 3 is invalid; allowed: >= meta.unroll"),
-        ({"meta": {"meta_lr": math.inf}}, r"meta.meta_lr = inf is invalid; allowed: finite and > 0"),
+        (
+            {"meta": {"horizon": 3, "unroll": 5}},
+            r"meta.horizon = 3 is invalid; allowed: >= meta.unroll",
+        ),
+        (
+            {"meta": {"meta_lr": math.inf}},
+            r"meta.meta_lr = inf is invalid; allowed: finite and > 0",
+        ),
         ({"meta": {"clip": math.inf}}, r"meta.clip = inf is invalid; allowed: finite and > 0"),
         ({"meta": {"seed": -1}}, r"meta.seed = -1 is invalid"),
         ({"update_net": {"init_lr": math.inf}}, r"update_net.init_lr = inf is invalid"),
@@ -130,8 +136,6 @@ def test_resumed_run_sums_the_time_and_lists_both_commands(tiny_data, tmp_path):
     first = meta_train(parse_recipe(raw), tiny_data, state_dir=state, save_every=2, command="one")
     assert first.commands == ("one",) and first.total_seconds == first.seconds
     raw["meta"] = {**raw["meta"], "iterations": 3}
-    again = meta_train(
-        parse_recipe(raw), tiny_data, state_dir=state, resume=True, command="two"
-    )
+    again = meta_train(parse_recipe(raw), tiny_data, state_dir=state, resume=True, command="two")
     assert again.commands == ("one", "two")
     assert again.total_seconds > again.seconds

@@ -23,17 +23,23 @@ def test_parameter_counts_match_the_readme():
 def test_layer_counts_are_as_named():
     small = build_network("small", (1, 28, 28))
     big = build_network("big", (1, 28, 28))
-    kinds = lambda net: [type(m).__name__ for m in net.modules() if type(m).__name__ in ("Conv2d", "Linear")]  # noqa: E731
+
+    def kinds(net):
+        names = (type(m).__name__ for m in net.modules())
+        return [n for n in names if n in ("Conv2d", "Linear")]
+
     assert kinds(small) == ["Conv2d", "Linear"]
     assert kinds(big) == ["Conv2d"] * 3 + ["Linear"] * 2
 
 
 def test_unknown_network_lists_the_known_ones():
-    with pytest.raises(UnknownNameError, match="unknown network 'huge'; known networks: big, small"):
+    with pytest.raises(
+        UnknownNameError, match="unknown network 'huge'; known networks: big, small"
+    ):
         build_network("huge", (1, 28, 28))
 
 
-FACTORIES = '''
+FACTORIES = """
 import torch.nn as nn
 def good(num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))
@@ -43,7 +49,7 @@ def bad_out():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))
 def boom():
     raise RuntimeError("factory exploded")
-'''
+"""
 
 
 @pytest.mark.parametrize(
@@ -52,8 +58,11 @@ def boom():
         (":make", r"network factory ':make' names no module; expected package.module:function"),
         ("zoo_qa_nets:", r"names no function"),
         ("zoo_qa_nets:noparams", r"'zoo_qa_nets:noparams' returned a model with no trainable"),
-        ("zoo_qa_nets:bad_out", r"'zoo_qa_nets:bad_out': its model maps .* to \(2, 7\), "
-         r"expected \(2, 10\)"),
+        (
+            "zoo_qa_nets:bad_out",
+            r"'zoo_qa_nets:bad_out': its model maps .* to \(2, 7\), "
+            r"expected \(2, 10\)",
+        ),
         ("zoo_qa_nets:boom", r"'zoo_qa_nets:boom' raised RuntimeError: factory exploded; fix"),
     ],
 )

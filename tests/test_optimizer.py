@@ -55,7 +55,9 @@ def test_other_layer_kinds_follow_the_policy():
     assert {a.name: a.route for a in opt.assignments}["1.weight"] == "adam"
     routed = LearnedOptimizer(model, make_nets(), FeatureSpec("g"), other="fc")
     assert {a.name: a.route for a in routed.assignments}["1.bias"] == "fc"
-    with pytest.raises(ConfigError, match=r"no update net for 2 parameter\(s\) \(1.weight, 1.bias\)"):
+    with pytest.raises(
+        ConfigError, match=r"no update net for 2 parameter\(s\) \(1.weight, 1.bias\)"
+    ):
         LearnedOptimizer(model, make_nets(), FeatureSpec("g"), other="error")
 
 
@@ -144,9 +146,13 @@ def test_load_state_dict_names_mismatched_parameters():
     opt = LearnedOptimizer(model, make_nets(), FeatureSpec("gh"))
     state = opt.state_dict()
     state["state"]["extra.weight"] = state["state"].pop("4.weight")
-    with pytest.raises(CheckpointError, match=r"missing \['4.weight'\], unexpected \['extra.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing \['4.weight'\], unexpected \['extra.weight'\]"
+    ):
         opt.load_state_dict(state)
-    other = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(75, 5))
+    other = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(75, 5)
+    )
     with pytest.raises(CheckpointError, match="wrong shape for: 4.weight, 4.bias"):
         LearnedOptimizer(other, make_nets(), FeatureSpec("gh")).load_state_dict(opt.state_dict())
 

@@ -385,8 +385,7 @@ def _read_architecture(config: dict, config_path: Path):
     ):
         allowed = "layer names" if per_layer else f"names from {list(KINDS)}"
         raise CheckpointError(
-            f"{config_path}: layer_kinds {kinds!r} must be a non-empty list of distinct "
-            f"{allowed}"
+            f"{config_path}: layer_kinds {kinds!r} must be a non-empty list of distinct {allowed}"
         )
     return features, hyper, kinds
 

@@ -294,7 +294,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for ks in self._kinds.values():
             ks.lstm = ks.lstm.to(options.state_dtype)
         self._fused = (
-            {id(n): FusedUpdateNet(n, options.chunk_size, options.compile) for n in self.nets.values()}
+            {
+                id(n): FusedUpdateNet(n, options.chunk_size, options.compile)
+                for n in self.nets.values()
+            }
             if options.fast
             else {}
         )
