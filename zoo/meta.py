@@ -580,7 +580,14 @@ def meta_train(
             if score < best_score:
                 best_score, best, best_iteration = score, copy.deepcopy(nets), iteration
         if save_every and iteration % save_every == 0:
-            meta_state.save(state_dir, iteration=iteration, recipe=recipe, loop=locals())
+            names = (
+                "nets", "best", "meta_opt", "rng", "run", "runs", "skipped", "consecutive_bad",
+                "history", "validation", "best_score", "best_iteration", "started",
+                "elapsed_before", "commands",
+            )  # fmt: skip
+            scope = locals()
+            loop = {name: scope[name] for name in names}  # exactly what zoo.meta_state needs
+            meta_state.save(state_dir, iteration=iteration, recipe=recipe, loop=loop)
             saved_at = iteration + 1
     if not history:
         raise NonFiniteError(
