@@ -112,3 +112,15 @@ def test_attach_gives_independent_optimizers(tmp_path):
     a, b = pretrained.attach(model), pretrained.attach(model)
     assert a.nets["fc"] is not b.nets["fc"]
     assert torch.equal(a.nets["fc"].head.weight, pretrained.nets["fc"].head.weight)
+
+
+def test_edited_feature_constants_are_refused(tmp_path):
+    _save(tmp_path / "ck")
+    config_path = tmp_path / "ck" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["features"]["constants"]["eps"] = float("nan")
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match="records constants that differ from this zoo's \\(eps;"
+    ):
+        load_checkpoint(tmp_path / "ck")

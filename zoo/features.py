@@ -118,6 +118,21 @@ class FeatureSpec:
                 f"(names {config.get('names')}) is not the one this zoo implements "
                 f"(version {FEATURE_VERSION}, names {list(spec.names)}); upgrade zoo"
             )
+        # The constants are fixed by the version; a checkpoint that records others was made
+        # by different code (or edited) and its nets would see inputs they were not trained on.
+        expected = spec.to_config()["constants"]
+        recorded = config.get("constants")
+        if recorded != expected:
+            differing = sorted(
+                k
+                for k in expected
+                if not isinstance(recorded, dict) or recorded.get(k) != expected[k]
+            )
+            raise ConfigError(
+                f"feature set {spec.name!r} records constants that differ from this zoo's "
+                f"({', '.join(differing) or 'extra keys'}; expected {expected}); the "
+                "checkpoint was made with other feature code"
+            )
         return spec
 
 
