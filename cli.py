@@ -119,6 +119,19 @@ def _writable_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
+# One definition for every command that reads a dataset.
+_data_root_option = click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=(
+        "Dataset root: MNIST in torchvision's layout, CIFAR-10 as an ImageFolder tree or its "
+        "tarball, ImageNet as an ImageFolder root; default: $ZOO_DATA, zoo's cache, download, "
+        "then (MNIST) the offline fallback."
+    ),
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(zoo.__version__, prog_name="zoo")
 @click.option("-v", "--verbose", count=True, help="Show the library's log (-v info, -vv debug).")
@@ -331,12 +344,7 @@ def publish(directory, repo, private, branch, dry_run, message) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Checkpoint folder to write (replaced atomically if it exists).",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Dataset root (torchvision layout for MNIST); default: $ZOO_DATA, cache, download, offline fallback.",
-)
+@_data_root_option
 @click.option(
     "--iterations",
     type=int,
@@ -556,12 +564,7 @@ def _attach(pretrained, model, *, options):
     show_default=True,
     help="Dataset to train on.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Dataset root; default: $ZOO_DATA, zoo's cache, download, then (MNIST) the offline fallback.",
-)
+@_data_root_option
 @click.option(
     "--steps",
     type=int,
@@ -1003,12 +1006,7 @@ def _grid_option(method: str, default: tuple[float, ...]):
     callback=_positive,
     help="Cap on the longer-than-trained runs' steps.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Dataset root (MNIST torchvision layout; CIFAR-10 ImageFolder or its tarball).",
-)
+@_data_root_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

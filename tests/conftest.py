@@ -43,3 +43,21 @@ def mnist_root() -> Path:
     if not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
     return SHARED_MNIST
+
+
+@pytest.fixture
+def poison_curvature(monkeypatch):
+    """Make every second derivative meta-training sees infinite (a run that cannot succeed)."""
+    import math
+
+    import zoo.meta
+
+    real = zoo.meta.curvature_pass
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        for name in result.hessian_diag:
+            result.hessian_diag[name] = torch.full_like(result.hessian_diag[name], math.inf)
+        return result
+
+    monkeypatch.setattr(zoo.meta, "curvature_pass", poisoned)
