@@ -453,6 +453,7 @@ def _checkpoint_config(plan, data, result, command, minutes) -> dict:
         },
         "curvature": {"mode": "diagonal"},
         "per_layer": plan.update_net.per_layer,
+        "shared_net": plan.update_net.shared,
         "training": {
             "horizon": plan.meta.horizon,
             "unroll": plan.meta.unroll,
@@ -898,7 +899,7 @@ def _grid_option(method: str, default: tuple[float, ...]):
 )
 @_grid_option("sgd", (0.01, 0.03, 0.1, 0.3))
 @_grid_option("rmsprop", (3e-4, 1e-3, 3e-3, 1e-2))
-@_grid_option("adam", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2))
+@_grid_option("adam", (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2))
 @_grid_option("sou", (0.003, 0.01, 0.03, 0.1))
 @click.option(
     "--sou-dampings",

@@ -60,3 +60,23 @@ def test_relative_curvature_is_per_tensor():
 def test_unknown_feature_set_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown feature set 'x'; known feature sets: g, gh"):
         FeatureSpec("x")
+
+
+@pytest.mark.parametrize("name", ["gh-no-momenta", "gh-no-h-rel", "gh-no-h-trend"])
+def test_ablation_sets_are_columns_of_the_full_set(name):
+    from zoo.features import FEATURE_SETS
+
+    gen = torch.Generator().manual_seed(3)
+    grad, hess = torch.randn(40, generator=gen), torch.rand(40, generator=gen)
+    segments = torch.cat([torch.zeros(25, dtype=torch.long), torch.ones(15, dtype=torch.long)])
+    counts = torch.tensor([25.0, 15.0])
+    full, dir_full, _ = compute_features(
+        FeatureSpec("gh"), init_state(40), grad, hess, segments, counts
+    )
+    part, dir_part, _ = compute_features(
+        FeatureSpec(name), init_state(40), grad, hess, segments, counts
+    )
+    columns = [FEATURE_SETS["gh"].index(n) for n in FEATURE_SETS[name]]
+    assert torch.equal(part, full[:, columns])
+    assert torch.equal(dir_part, dir_full)
+    assert FeatureSpec(name).uses_curvature

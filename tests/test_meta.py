@@ -129,3 +129,38 @@ def test_resumed_run_sums_the_time_and_lists_both_commands(tiny_data, tmp_path):
     again = meta_train(parse_recipe(raw), tiny_data, state_dir=state, resume=True, command="two")
     assert again.commands == ("one", "two")
     assert again.total_seconds > again.seconds
+
+
+def test_shared_net_is_one_set_of_weights_for_every_kind(tiny_data, tmp_path):
+    from zoo.checkpoint import load_checkpoint, save_checkpoint
+    from zoo.features import FeatureSpec
+
+    raw = {
+        **TINY,
+        "update_net": {"features": "gh", "init_lr": 0.002, "shared": True},
+        "meta": {"iterations": 4, "horizon": 4, "unroll": 2, "meta_lr": 0.01, "validate_every": 2},
+        "validation": [{"network": "small", "steps": 4, "seeds": [7]}],
+    }
+    state = tmp_path / "state"
+    result = meta_train(parse_recipe(raw), tiny_data, state_dir=state, save_every=2)
+    assert result.nets["conv"] is result.nets["fc"]  # trained as one net
+    assert result.nets["conv"].head.weight.abs().sum() > 0
+    save_checkpoint(tmp_path / "ck", result.nets, FeatureSpec("gh"), {"name": "s"}, "card")
+    loaded = load_checkpoint(tmp_path / "ck")
+    for (name, a), (_, b) in zip(
+        loaded.nets["conv"].state_dict().items(),
+        loaded.nets["fc"].state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+        assert torch.equal(a, result.nets["conv"].state_dict()[name])
+    # The resumable state holds the shared net too, and resumes.
+    raw["meta"] = {**raw["meta"], "iterations": 6}
+    again = meta_train(parse_recipe(raw), tiny_data, state_dir=state, resume=True)
+    assert again.nets["conv"] is again.nets["fc"]
+
+
+def test_shared_and_per_layer_are_exclusive():
+    raw = {**TINY, "update_net": {"features": "gh", "shared": True, "per_layer": True}}
+    with pytest.raises(ConfigError, match="exclusive"):
+        parse_recipe(raw)

@@ -173,7 +173,7 @@ def save_checkpoint(
         features=features.to_config(),
     )
     tensors = {
-        f"{kind}.{key}": value.detach().cpu().contiguous()
+        f"{kind}.{key}": value.detach().cpu().clone()  # clone: a shared net is under every kind
         for kind, net in sorted(nets.items())
         for key, value in net.state_dict().items()
     }

@@ -64,7 +64,12 @@ TINY = 1e-30
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "g": ("g_rms", "m_fast", "m_slow"),
     "gh": ("g_rms", "m_fast", "m_slow", "h_rel", "h_trend"),
+    # Ablations of "gh" (benchmarks/ablation.py): one feature family left out each.
+    "gh-no-momenta": ("g_rms", "h_rel", "h_trend"),
+    "gh-no-h-rel": ("g_rms", "m_fast", "m_slow", "h_trend"),
+    "gh-no-h-trend": ("g_rms", "m_fast", "m_slow", "h_rel"),
 }
+CURVATURE_FEATURES = ("h_rel", "h_trend")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class FeatureSpec:
 
     @property
     def uses_curvature(self) -> bool:
-        return "h_rel" in self.names
+        return any(name in CURVATURE_FEATURES for name in self.names)
 
     def to_config(self) -> dict:
         return {
@@ -181,11 +186,10 @@ def compute_features(
     denom = torch.sqrt(v / (1 - BETA_V**step)) + EPS
     m_fast_hat = m_fast / (1 - BETA_FAST**step)
     adam_dir = m_fast_hat / denom
-    columns = [
-        grad / denom,
-        adam_dir,
-        m_slow / (1 - BETA_SLOW**step) / denom,
-    ]
+    names = spec.names
+    columns = {"g_rms": grad / denom, "m_fast": adam_dir}
+    if "m_slow" in names:
+        columns["m_slow"] = m_slow / (1 - BETA_SLOW**step) / denom
     h_avg = state.h_avg
     if spec.uses_curvature:
         if hess is None:
@@ -195,7 +199,7 @@ def compute_features(
         h_bar = h_avg / (1 - BETA_H**step)
         mean = _segment_mean(h_bar, segments, counts)
         delta = H_FLOOR * mean + TINY
-        columns.append(torch.log((h_bar + delta) / (mean + delta)) / H_LOG_SCALE)
-        columns.append(torch.log((hess + delta) / (h_bar + delta)) / H_LOG_SCALE)
-    features = torch.stack(columns, dim=1).clamp(-CLIP, CLIP)
+        columns["h_rel"] = torch.log((h_bar + delta) / (mean + delta)) / H_LOG_SCALE
+        columns["h_trend"] = torch.log((hess + delta) / (h_bar + delta)) / H_LOG_SCALE
+    features = torch.stack([columns[name] for name in names], dim=1).clamp(-CLIP, CLIP)
     return features, adam_dir, FeatureState(step, m_fast, m_slow, v, h_avg)

@@ -88,6 +88,9 @@ class UpdateNetConfig:
     # of one per layer kind: the paper's per-layer LSTMs, meta-trained on the network they
     # will train (validation tasks must then use the same network).
     per_layer: bool = False
+    # One net shared by every layer kind (the ablation of "one LSTM per layer kind"); the
+    # checkpoint stores it once per kind, with equal weights.
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,11 @@ def _validate(recipe: Recipe) -> None:
         raise ConfigError(
             "recipe update_net.per_layer = true keys nets by the layers of task.network "
             f"({t.network!r}); every [[validation]] network must be {t.network!r}"
+        )
+    if u.per_layer and u.shared:
+        raise ConfigError(
+            "recipe update_net.per_layer and update_net.shared are exclusive: one net per "
+            "layer, or one net for every layer; set one of them to false"
         )
     if t.dataset not in ("mnist", "cifar10"):
         raise ConfigError(f"recipe task.dataset = {t.dataset!r}; allowed: mnist, cifar10")
@@ -462,15 +470,21 @@ def meta_train(
         keys = tuple(_Trainee(t.network, data, 1.0, 1.0, m.seed, per_layer=True).layouts)
         if len(set(t.widths)) > 1 or t.widths[0] != 1.0:
             logger.warning("per-layer nets: task.widths %s vary the layers' sizes", t.widths)
-    nets = {
-        key: UpdateNet(spec.num_features, u.hidden_size, u.num_layers, u.init_lr) for key in keys
-    }
+    if u.shared:
+        one = UpdateNet(spec.num_features, u.hidden_size, u.num_layers, u.init_lr)
+        nets = dict.fromkeys(keys, one)
+    else:
+        nets = {
+            key: UpdateNet(spec.num_features, u.hidden_size, u.num_layers, u.init_lr)
+            for key in keys
+        }
     missing = set(KINDS) - set(u.kinds)
     if missing and not u.per_layer:
         raise ConfigError(
             f"recipe update_net.kinds lacks {sorted(missing)}; zoo nets cover {KINDS}"
         )
-    weights = [p for net in nets.values() for p in net.parameters()]
+    # Unique parameters (a shared net appears under every kind).
+    weights = list({id(p): p for net in nets.values() for p in net.parameters()}.values())
     meta_opt = torch.optim.Adam(weights, lr=m.meta_lr)
     rng = torch.Generator().manual_seed(m.seed)
     started = time.perf_counter()

@@ -61,6 +61,10 @@ def exists(directory: str | os.PathLike | None) -> bool:
     return directory is not None and (Path(directory) / f"{NAME}.json").is_file()
 
 
+def _copied(net) -> dict:
+    return {name: value.detach().clone() for name, value in net.state_dict().items()}
+
+
 def save(directory: str | os.PathLike, *, iteration: int, recipe, loop: dict) -> Path:
     """Write the loop state after ``iteration`` to ``directory`` (atomically).
 
@@ -83,8 +87,10 @@ def save(directory: str | os.PathLike, *, iteration: int, recipe, loop: dict) ->
         "format": META_STATE_FORMAT,
         "iteration": iteration,
         "recipe": recipe.to_dict(),
-        "nets": {k: dict(net.state_dict()) for k, net in nets.items()},
-        "best": {k: dict(net.state_dict()) for k, net in loop["best"].items()},
+        # Copies: a shared net (recipe update_net.shared) sits under every kind, and
+        # safetensors refuses tensors that share memory.
+        "nets": {k: _copied(net) for k, net in nets.items()},
+        "best": {k: _copied(net) for k, net in loop["best"].items()},
         "meta_opt": loop["meta_opt"].state_dict(),
         "rng": loop["rng"].get_state(),
         "torch_rng": torch.get_rng_state(),
