@@ -580,7 +580,8 @@ def _attach(pretrained, model, *, options):
     default=3,
     show_default=True,
     callback=_positive,
-    help="Number of seeds (0..N-1); every method gets the same inits and batches per seed.",
+    help="Number of reported seeds (20000..20000+N-1, disjoint from meta-training, "
+    "checkpoint selection and tuning); every method gets the same inits and batches per seed.",
 )
 @click.option(
     "--batch-size",
@@ -695,6 +696,7 @@ def transfer(
         compare,
         markdown_table,
         plot_curves,
+        report_seeds,
         resolve_device,
         steps_to_reach,
         summarise,
@@ -771,7 +773,7 @@ def transfer(
             dst, data, adam, adam_grid, steps=steps, seed=TUNING_SEED, **options
         )
         methods = [learned, adam(best_lr)]
-        results = compare(dst, data, methods, steps=steps, seeds=range(seeds), **options)
+        results = compare(dst, data, methods, steps=steps, seeds=report_seeds(seeds), **options)
     grid_text = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in scores.items())
     click.echo(
         f"Adam grid (final training loss on tuning seed {TUNING_SEED}): {grid_text}; best {best_lr:g}"
@@ -877,7 +879,8 @@ def _grid_option(method: str, default: tuple[float, ...]):
     default=5,
     show_default=True,
     callback=_positive,
-    help="Reported seeds 0..N-1.",
+    help="Number of reported seeds (20000..20000+N-1, disjoint from meta-training, "
+    "checkpoint selection and tuning).",
 )
 @click.option(
     "--steps", type=int, default=500, show_default=True, callback=_positive, help="Steps per run."

@@ -32,7 +32,7 @@ import zoo  # noqa: E402
 from zoo.bench import _fmt, _interval  # noqa: E402
 from zoo.data import load_dataset  # noqa: E402
 from zoo.safe_io import write_file  # noqa: E402
-from zoo.train import Method, adam, compare, steps_to_reach, tune_lr  # noqa: E402
+from zoo.train import Method, adam, compare, report_seeds, steps_to_reach, tune_lr  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # label -> checkpoint reference
@@ -99,7 +99,7 @@ def main() -> None:
         )
         methods = [adam(best_lr)] + [_method(label, p) for label, p in variants.items()]
         results = compare(
-            network, data, methods, steps=args.steps, seeds=range(args.seeds), **options
+            network, data, methods, steps=args.steps, seeds=report_seeds(args.seeds), **options
         )
         adam_final = statistics.fmean(r.train_loss[-1] for r in results[methods[0].name])
         cell = {"adam_lr": best_lr, "adam_grid": scores, "adam_final": adam_final, "runs": {}}
@@ -150,7 +150,7 @@ def _table(report: dict) -> str:
             row += [_fmt(runs["final_loss"]), _fmt(acc, 2), reach_text]
         lines.append("| " + " | ".join(row) + " |")
     foot = (
-        f"\n{report['seeds']} seeds (0..{report['seeds'] - 1}), {report['steps']} steps, batch "
+        f"\n{report['seeds']} seeds (20000..{20000 + report['seeds'] - 1}), {report['steps']} steps, batch "
         f"128; mean ± 95 % t-interval; loss on {report['data']} (training subset); "
         f"Adam tuned on seed {TUNING_SEED} over {list(ADAM_GRID)}. Validation: the "
         "meta-training selection score (mean log training loss over 300-step runs of "

@@ -53,12 +53,14 @@ from .features import FeatureSpec
 from .meta import JointTrainer
 from .networks import get_network
 from .train import (
+    REPORT_SEED_BASE,
     Method,
     RunRecord,
     compare,
     initial_network,
     markdown_table,
     plot_curves,
+    report_seeds,
     steps_to_reach,
     train_run,
 )
@@ -112,6 +114,7 @@ DEFAULT_CHECKPOINTS: dict[str, str] = {
 SENSITIVITY_MULTIPLIERS = (10**-0.5, 10**-0.25, 1.0, 10**0.25, 10**0.5)
 # 97.5 % quantiles of Student's t by degrees of freedom (95 % two-sided intervals).
 _T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+FIRST_SEED = REPORT_SEED_BASE  # sensitivity and longer-than-trained runs use this seed
 _T975_LARGE = 2.0  # df >= 10 (2.23 at 10, 2.04 at 30): a slightly narrow interval
 
 
@@ -344,7 +347,7 @@ def _run_cell(plan: BenchPlan, dataset: str, network: str, progress) -> CellResu
             method, best[key] = _joint(config), config.joint_init_lr
         methods.append(method)
         keys[key] = method.name
-    results = _compare_tolerant(network, data, methods, range(config.seeds), config, options)
+    results = _compare_tolerant(network, data, methods, report_seeds(config.seeds), config, options)
     cell = CellResult(dataset, network, data.source, results, keys, tuning, best, damping)
     cell.notes = [n for n in plan.notes if n.startswith(f"{dataset}/{network}:")] + notes
     if config.sensitivity:
@@ -406,7 +409,8 @@ def _compare_tolerant(network, data, methods, seeds, config, options):
 
 
 def _sensitivity(plan, cell: CellResult, data, options) -> dict[str, dict[float, float]]:
-    """Final training loss (seed 0) across a decade of each method's main hyper-parameter."""
+    """Final training loss (the first reported seed) across a decade of each method's main
+    hyper-parameter."""
     config = plan.config
     steps = config.sensitivity_steps or config.steps
     sweep = {}
@@ -422,13 +426,14 @@ def _sensitivity(plan, cell: CellResult, data, options) -> dict[str, dict[float,
                 method = _learned(key, plan.checkpoints[(key, cell.dataset, cell.network)], mult)
             else:
                 method = _joint(config, mult)
-            values[mult] = _final_loss(cell.network, data, method, steps, 0, options)
+            values[mult] = _final_loss(cell.network, data, method, steps, FIRST_SEED, options)
         sweep[key] = values
     return sweep
 
 
 def _longer_than_trained(plan, cell: CellResult, key: str, data, options) -> dict:
-    """Run a learned optimizer for ``long_factor`` × its horizon (seed 0), beside Adam."""
+    """Run a learned optimizer for ``long_factor`` × its horizon (the first reported seed),
+    beside Adam."""
     pretrained = plan.checkpoints[(key, cell.dataset, cell.network)]
     horizon = int(pretrained.config.get("training", {}).get("horizon") or 0)
     steps = _long_steps(plan.config, pretrained)
@@ -437,9 +442,9 @@ def _longer_than_trained(plan, cell: CellResult, key: str, data, options) -> dic
     runs = {}
     reference = [("Adam", _hand_designed("adam", cell.best.get("adam", 1e-3), 0.0))]
     for name, method in [(cell.labels[key], _learned(key, pretrained)), *reference]:
-        model = initial_network(cell.network, data, 0)
+        model = initial_network(cell.network, data, FIRST_SEED)
         try:
-            runs[name] = train_run(model, data, method, steps=steps, seed=0, **options)
+            runs[name] = train_run(model, data, method, steps=steps, seed=FIRST_SEED, **options)
         except NonFiniteError:
             runs[name] = None
     record = runs[cell.labels[key]]
@@ -477,6 +482,11 @@ def _interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     t = _T975.get(len(values) - 1, _T975_LARGE)
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _seed_range(count: int) -> str:
+    seeds = report_seeds(count)
+    return f"seed {seeds[0]}" if count == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
 
 
 def _fmt(values: Sequence[float], digits: int = 4) -> str:
@@ -649,7 +659,9 @@ def write_report(cells: list[CellResult], config: BenchConfig, out: Path, comman
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [
-        f"{config.seeds} seed(s) × {config.steps} steps, batch {config.batch_size}; "
+        f"{config.seeds} seed(s) ({_seed_range(config.seeds)}; disjoint from the meta-training, "
+        f"checkpoint-selection and tuning seeds) × {config.steps} steps, batch "
+        f"{config.batch_size}; "
         f"hand-designed learning rates tuned on seed {config.tuning_seed} over "
         + "; ".join(f"{LABELS[k]} {list(config.grids[k])}" for k in TUNED if k in config.methods)
         + f" (SOU: α × damping μ in {list(config.sou_dampings)}). Intervals are 95 % "
@@ -693,7 +705,7 @@ def write_report(cells: list[CellResult], config: BenchConfig, out: Path, comman
         lines.append("")
         if cell.sensitivity:
             lines += [
-                "Sensitivity (final training loss, seed 0; × the tuned learning rate, or "
+                f"Sensitivity (final training loss, seed {FIRST_SEED}; × the tuned learning rate, or "
                 "× the update nets' output scale):",
                 "",
                 sensitivity_table(cell),
@@ -712,7 +724,7 @@ def write_report(cells: list[CellResult], config: BenchConfig, out: Path, comman
             )
             lines += [f"![sensitivity]({stem}-sensitivity.png)", ""]
         if cell.long:
-            lines += ["Longer than trained (seed 0):", "", long_table(cell), ""]
+            lines += [f"Longer than trained (seed {FIRST_SEED}):", "", long_table(cell), ""]
             series = [
                 (f"{cell.labels[k]} / {n}" if n != cell.labels[k] else n, r.steps, r.train_loss)
                 for k, info in cell.long.items()

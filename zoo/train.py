@@ -39,6 +39,8 @@ from .networks import build_network
 
 __all__ = [
     "PRECISIONS",
+    "REPORT_SEED_BASE",
+    "report_seeds",
     "LossScaler",
     "Method",
     "RunRecord",
@@ -53,6 +55,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EVAL_SUBSET = 2048  # training examples the reported training loss is measured on
+# Seeds of reported runs (initialisation and batch order). Meta-training draws its tasks
+# from seeds meta.seed * 100_000 + 0, 1, 2, ..., the shipped recipes select checkpoints on
+# seed 1000 and learning rates are tuned on 10_000: reported runs use 20_000, 20_001, ...
+# so that no reported initialisation or batch order was seen while meta-training,
+# selecting a checkpoint or tuning.
+REPORT_SEED_BASE = 20_000
+
+
+def report_seeds(count: int) -> range:
+    """The seeds of ``count`` reported runs (see ``REPORT_SEED_BASE``)."""
+    return range(REPORT_SEED_BASE, REPORT_SEED_BASE + count)
 
 
 @dataclass(frozen=True)
