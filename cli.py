@@ -442,6 +442,8 @@ def meta_train_command(
 
 
 def _checkpoint_config(plan, data, result, command, minutes) -> dict:
+    from zoo.meta import longest_horizon
+
     last = result.history[-20:]
     return {
         "name": plan.name,
@@ -455,7 +457,8 @@ def _checkpoint_config(plan, data, result, command, minutes) -> dict:
         "per_layer": plan.update_net.per_layer,
         "shared_net": plan.update_net.shared,
         "training": {
-            "horizon": plan.meta.horizon,
+            "horizon": longest_horizon(plan.meta),
+            "horizon_schedule": list(plan.meta.horizon_schedule),
             "unroll": plan.meta.unroll,
             "iterations": plan.meta.iterations,
             "best_iteration": result.best_iteration,
@@ -482,6 +485,8 @@ def _model_card(plan, data, result, command, minutes, config) -> str:
     tasks = ", ".join(
         f"{v.network} ({v.steps} steps, seeds {list(v.seeds)})" for v in plan.validation
     )
+    schedule = plan.meta.horizon_schedule
+    tasks_text = "/".join(map(str, schedule)) + " (cycled)" if schedule else str(plan.meta.horizon)
     return f"""---
 library_name: zoo
 tags:
@@ -507,7 +512,7 @@ layer kind: {kinds}) with feature set `{plan.update_net.features}`, meta-trained
 - command: {commands}
 - data: {data.source}
 - meta-training: {plan.meta.iterations} meta-iterations of {plan.meta.unroll}-step unrolls,
-  tasks of {plan.meta.horizon} steps, meta-loss `{plan.meta.meta_loss}`, Adam meta-optimizer
+  tasks of {tasks_text} steps, meta-loss `{plan.meta.meta_loss}`, Adam meta-optimizer
   lr {plan.meta.meta_lr:g}, meta-gradient clip {plan.meta.clip:g}
 - time: {minutes:.1f} minutes on the machine that ran the command(s), all sessions
 - final meta-loss (mean of the last 20 iterations):

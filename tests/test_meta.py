@@ -164,3 +164,42 @@ def test_shared_and_per_layer_are_exclusive():
     raw = {**TINY, "update_net": {"features": "gh", "shared": True, "per_layer": True}}
     with pytest.raises(ConfigError, match="exclusive"):
         parse_recipe(raw)
+
+
+def test_horizon_schedule_cycles_task_lengths(tiny_data):
+    from zoo.meta import longest_horizon, task_horizon
+
+    raw = {
+        **TINY,
+        "meta": {
+            "iterations": 6,
+            "horizon": 4,
+            "horizon_schedule": [2, 4],
+            "unroll": 2,
+            "meta_lr": 0.01,
+            "validate_every": 6,
+        },
+        "validation": [{"network": "small", "steps": 2, "seeds": [7]}],
+    }
+    recipe = parse_recipe(raw)
+    assert [task_horizon(recipe.meta, i) for i in range(4)] == [2, 4, 2, 4]
+    assert longest_horizon(recipe.meta) == 4
+    result = meta_train(recipe, tiny_data)
+    assert len(result.history) == 6
+    bad = {**raw, "meta": {**raw["meta"], "horizon_schedule": [1, 4]}}
+    with pytest.raises(ConfigError, match="horizon_schedule"):
+        parse_recipe(bad)
+    wrong = {**raw, "meta": {**raw["meta"], "horizon_schedule": [2.5]}}
+    with pytest.raises(ConfigError, match="list of int"):
+        parse_recipe(wrong)
+
+
+def test_state_saved_before_an_option_existed_resumes(tiny_data, tmp_path):
+    from zoo.meta_state import _recipe_changes
+
+    current = parse_recipe(TINY).to_dict()
+    older = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
+    del older["update_net"]["shared"], older["meta"]["horizon_schedule"]
+    assert _recipe_changes(older, current) == []
+    on = parse_recipe({**TINY, "update_net": {**TINY["update_net"], "shared": True}}).to_dict()
+    assert _recipe_changes(older, on) == ["update_net.shared"]

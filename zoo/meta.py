@@ -97,6 +97,9 @@ class UpdateNetConfig:
 class MetaConfig:
     iterations: int = 300  # meta-optimizer steps (one per unroll)
     horizon: int = 200  # steps per task before a fresh one is drawn
+    # Truncation schedule: task i runs for horizon_schedule[i % len] steps (e.g. [200, 1000,
+    # 2000] reaches well past the horizon people train for); empty: every task `horizon`.
+    horizon_schedule: tuple[int, ...] = ()
     unroll: int = 20  # truncation length
     meta_lr: float = 1e-3
     clip: float = 1.0  # meta-gradient norm clip
@@ -155,7 +158,7 @@ def _coerce(section: str, cls, raw: dict):
         elif isinstance(default, tuple):
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"recipe {where} must be a non-empty list, got {value!r}")
-            kind = type(default[0])
+            kind = type(default[0]) if default else int  # empty defaults: integer lists
             if kind is float and all(
                 isinstance(v, int | float) and not isinstance(v, bool) for v in value
             ):
@@ -252,6 +255,12 @@ def _validate(recipe: Recipe) -> None:
         ("meta.iterations", m.iterations, m.iterations >= 1, ">= 1"),
         ("meta.unroll", m.unroll, m.unroll >= 1, ">= 1"),
         ("meta.horizon", m.horizon, m.horizon >= m.unroll, ">= meta.unroll"),
+        (
+            "meta.horizon_schedule",
+            list(m.horizon_schedule),
+            all(h >= m.unroll for h in m.horizon_schedule),
+            "every entry >= meta.unroll",
+        ),
         ("meta.meta_lr", m.meta_lr, positive(m.meta_lr), "finite and > 0"),
         ("meta.clip", m.clip, positive(m.clip), "finite and > 0"),
         ("meta.seed", m.seed, 0 <= m.seed <= 2**40, "0..2**40"),
@@ -273,6 +282,18 @@ def _validate(recipe: Recipe) -> None:
         )
     if t.dataset not in ("mnist", "cifar10"):
         raise ConfigError(f"recipe task.dataset = {t.dataset!r}; allowed: mnist, cifar10")
+
+
+def task_horizon(meta: MetaConfig, index: int) -> int:
+    """Steps of meta-training task number ``index`` (its truncation schedule, or ``horizon``)."""
+    if meta.horizon_schedule:
+        return meta.horizon_schedule[index % len(meta.horizon_schedule)]
+    return meta.horizon
+
+
+def longest_horizon(meta: MetaConfig) -> int:
+    """The longest task meta-training ran: the checkpoint's recorded horizon."""
+    return max(meta.horizon_schedule, default=meta.horizon)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -541,7 +562,7 @@ def meta_train(
         commands = [*commands, command]
     first_fault = None
     for iteration in range(start, m.iterations + 1):
-        if run.step >= m.horizon:
+        if run.step >= task_horizon(m, runs):
             runs += 1
             run = new_run(runs)
         losses = []

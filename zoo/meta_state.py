@@ -205,6 +205,8 @@ def _recipe_changes(saved: dict, current: dict, prefix=()) -> list[str]:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         path = (*prefix, key)
+        if key not in saved and _plain(b) in (False, [], ()):
+            continue  # an option added by a later zoo, left off (e.g. update_net.shared)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += _recipe_changes(a, b, path)
         elif _plain(a) != _plain(b) and path not in RESUMABLE_CHANGES:
