@@ -225,6 +225,18 @@ def _learned(key: str, pretrained: PretrainedOptimizer, multiplier: float = 1.0)
     )
 
 
+def _provenance(pretrained: PretrainedOptimizer) -> str:
+    """Which checkpoint a learned method is, and how it was made, for the report."""
+    c = pretrained.config
+    source, training = c.get("source_network") or {}, c.get("training") or {}
+    return (
+        f"checkpoint {pretrained.name!r} (features {pretrained.features.name}, meta-trained "
+        f"on {source.get('name')}/{source.get('dataset')} for {training.get('iterations')} "
+        f"iterations, weights of iteration {training.get('best_iteration')}, horizon "
+        f"{training.get('horizon')})"
+    )
+
+
 def _joint(config: BenchConfig, multiplier: float = 1.0) -> Method:
     spec = FeatureSpec("gh")
 
@@ -343,6 +355,7 @@ def _run_cell(plan: BenchPlan, dataset: str, network: str, progress) -> CellResu
             if pretrained is None:
                 continue
             method, best[key] = _learned(key, pretrained), 1.0
+            notes.append(f"{dataset}/{network}: {LABELS[key]} is {_provenance(pretrained)}")
         else:
             method, best[key] = _joint(config), config.joint_init_lr
         methods.append(method)
