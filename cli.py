@@ -423,6 +423,17 @@ def meta_train_command(
         f"(untrained = Adam lr={plan.update_net.init_lr:g}: {result.validation[0][1]:.4f}); "
         f"{minutes:.1f} min"
     )
+    click.echo(
+        "validation by iteration: "
+        + ", ".join(f"{it} {score:.4f}" for it, score in result.validation)
+    )
+    if result.best_iteration == 0:
+        click.secho(
+            f"WARNING: {_NEVER_BEAT.format(lr=plan.update_net.init_lr)}",
+            err=True,
+            fg="yellow",
+            bold=True,
+        )
     # A state is saved after each successful iteration that is a multiple of --save-every.
     saved = bool(save_every) and any(it % save_every == 0 for it, _ in result.history)
     click.echo(
@@ -439,6 +450,13 @@ def meta_train_command(
             bold=True,
         )
     click.echo(f"wrote {out}")
+
+
+_NEVER_BEAT = (
+    "the meta-trained nets never beat their untrained start on validation, so the checkpoint "
+    "holds the untrained nets: it behaves exactly as Adam with lr {lr:g}. Try more "
+    "meta.iterations (resume with --resume), a lower meta.meta_lr or other tasks."
+)
 
 
 def _checkpoint_config(plan, data, result, command, minutes) -> dict:
@@ -485,6 +503,11 @@ def _model_card(plan, data, result, command, minutes, config) -> str:
     tasks = ", ".join(
         f"{v.network} ({v.steps} steps, seeds {list(v.seeds)})" for v in plan.validation
     )
+    never_beat = (
+        "\n\n**Note:** " + _NEVER_BEAT.format(lr=plan.update_net.init_lr)
+        if result.best_iteration == 0
+        else ""
+    )
     schedule = plan.meta.horizon_schedule
     tasks_text = "/".join(map(str, schedule)) + " (cycled)" if schedule else str(plan.meta.horizon)
     return f"""---
@@ -522,7 +545,7 @@ layer kind: {kinds}) with feature set `{plan.update_net.features}`, meta-trained
 
 Score = mean log training loss over the run (lower is better) on: {tasks}.
 Iteration 0 is the untrained net, which is exactly Adam with lr {plan.update_net.init_lr:g}.
-The weights shipped are those of the best iteration ({result.best_iteration}).
+The weights shipped are those of the best iteration ({result.best_iteration}).{never_beat}
 
 | iteration | score |
 |---|---|

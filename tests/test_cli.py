@@ -76,6 +76,26 @@ def test_meta_train_writes_a_loadable_checkpoint(mnist_root, tmp_path):
     card = (out / "README.md").read_text()
     assert "zoo meta-train" in card and "final meta-loss" in card
     assert loaded.config["training"]["horizon"] == 4
+    assert "validation by iteration: 0 " in result.output
+    # Whether the nets beat their Adam start is said on screen and in the card.
+    never = loaded.config["training"]["best_iteration"] == 0
+    assert ("behaves exactly as Adam with lr 0.002" in result.output) == never
+    assert ("behaves exactly as Adam with lr 0.002" in card) == never
+
+
+def test_meta_train_records_a_horizon_schedule(mnist_root, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "cli-sched"\n[task]\nbatch_size = 16\n'
+        "[meta]\niterations = 2\nhorizon = 4\nhorizon_schedule = [2, 6]\nunroll = 2\n"
+        'validate_every = 2\n[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
+    )
+    out = tmp_path / "ck"
+    result = _run("meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root))
+    assert result.exit_code == 0, result.output
+    training = load_checkpoint(out).config["training"]
+    assert training["horizon"] == 6 and training["horizon_schedule"] == [2, 6]
+    assert "tasks of 2/6 (cycled) steps" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
