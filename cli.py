@@ -196,11 +196,15 @@ def info(ref: str) -> None:
     recipe = c.get("recipe") or {}
     click.echo(f"name:            {opt.name}  ({opt.source or opt.path})")
     click.echo(f"source network:  {c.get('source_network')}")
-    click.echo(f"layer kinds:     {', '.join(opt.nets)}")
+    shared = " (one net shared by all)" if c.get("shared_net") is True else ""
+    click.echo(f"layer kinds:     {', '.join(opt.nets)}{shared}")
     click.echo(f"features:        {c['features']['set']} {c['features']['names']}")
     click.echo(f"curvature mode:  {opt.curvature_mode or 'not used'}")
     click.echo(f"update net:      {c['update_net']}")
-    click.echo(f"horizon:         {c.get('training', {}).get('horizon')} steps")
+    training = c.get("training") or {}
+    schedule = training.get("horizon_schedule") or []
+    cycled = f" (task lengths {'/'.join(map(str, schedule))}, cycled)" if schedule else ""
+    click.echo(f"horizon:         {training.get('horizon')} steps{cycled}")
     command = f"  ({c['command']})" if c.get("command") else ""
     click.echo(f"recipe:          {recipe.get('name', 'not recorded')}{command}")
     click.echo(f"metrics:         {json.dumps(c.get('metrics', {}))}")
@@ -455,7 +459,8 @@ def meta_train_command(
 _NEVER_BEAT = (
     "the meta-trained nets never beat their untrained start on validation, so the checkpoint "
     "holds the untrained nets: it behaves exactly as Adam with lr {lr:g}. Try more "
-    "meta.iterations (resume with --resume), a lower meta.meta_lr or other tasks."
+    "meta.iterations (a run saved with --save-every continues with --resume), a lower "
+    "meta.meta_lr or other tasks."
 )
 
 
@@ -497,6 +502,11 @@ def _checkpoint_config(plan, data, result, command, minutes) -> dict:
 
 def _model_card(plan, data, result, command, minutes, config) -> str:
     kinds = ", ".join(plan.update_net.kinds)
+    layout = (
+        f"one net shared by every layer kind ({kinds})"
+        if plan.update_net.shared
+        else f"one net per\nlayer kind: {kinds}"
+    )
     sessions = config.get("commands") or [command]
     commands = f"`{sessions[0]}`" + "".join(f", resumed with `{c}`" for c in sessions[1:])
     validation = "\n".join(f"| {it} | {score:.4f} |" for it, score in result.validation)
@@ -526,8 +536,7 @@ datasets:
 {plan.description}
 
 A coordinate-wise LSTM optimizer ({plan.update_net.num_layers} layer(s) x \
-{plan.update_net.hidden_size} units, one net per
-layer kind: {kinds}) with feature set `{plan.update_net.features}`, meta-trained with zoo
+{plan.update_net.hidden_size} units, {layout}) with feature set `{plan.update_net.features}`, meta-trained with zoo
 {zoo.__version__} on the `{plan.task.network}` network and {plan.task.dataset}.
 
 ## How it was made
@@ -815,7 +824,11 @@ def transfer(
     ]
     reach = steps_to_reach(results[learned.name][0].steps, mean_curve, adam_final)
     table = markdown_table(header, rows)
-    click.echo(f"\n{dst} on {dataset}, {steps} steps, mean ± sd over {seeds} seed(s):\n")
+    shown = report_seeds(seeds)
+    click.echo(
+        f"\n{dst} on {dataset}, {steps} steps, mean ± sd over {seeds} seed(s) "
+        f"({shown[0]}-{shown[-1]}; Adam tuned on {TUNING_SEED}):\n"
+    )
     click.echo(table)
     skipped = sum(r.skipped_steps for r in results[learned.name])
     click.echo(f"\nskipped non-finite steps (zoo optimizer, all seeds): {skipped}")

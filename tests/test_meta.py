@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -186,9 +187,15 @@ def test_horizon_schedule_cycles_task_lengths(tiny_data):
     assert longest_horizon(recipe.meta) == 4
     result = meta_train(recipe, tiny_data)
     assert len(result.history) == 6
-    bad = {**raw, "meta": {**raw["meta"], "horizon_schedule": [1, 4]}}
-    with pytest.raises(ConfigError, match="horizon_schedule"):
-        parse_recipe(bad)
+    for entries in ([1, 4], [3, 4]):  # below unroll; not a multiple of unroll
+        bad = {**raw, "meta": {**raw["meta"], "horizon_schedule": entries}}
+        with pytest.raises(ConfigError, match="horizon_schedule"):
+            parse_recipe(bad)
+    # An empty schedule is "off", as every checkpoint's recorded recipe says.
+    off = parse_recipe({**raw, "meta": {**raw["meta"], "horizon_schedule": []}})
+    assert task_horizon(off.meta, 1) == 4
+    recorded = json.loads(json.dumps(off.to_dict()))  # as config.json stores it
+    assert parse_recipe(recorded).meta == off.meta
     wrong = {**raw, "meta": {**raw["meta"], "horizon_schedule": [2.5]}}
     with pytest.raises(ConfigError, match="list of int"):
         parse_recipe(wrong)

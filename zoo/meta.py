@@ -156,7 +156,7 @@ def _coerce(section: str, cls, raw: dict):
                 raise ConfigError(f"recipe {where} must be a number, got {value!r}")
             value = float(value)
         elif isinstance(default, tuple):
-            if not isinstance(value, list) or not value:
+            if not isinstance(value, list) or (default and not value):
                 raise ConfigError(f"recipe {where} must be a non-empty list, got {value!r}")
             kind = type(default[0]) if default else int  # empty defaults: integer lists
             if kind is float and all(
@@ -258,8 +258,8 @@ def _validate(recipe: Recipe) -> None:
         (
             "meta.horizon_schedule",
             list(m.horizon_schedule),
-            all(h >= m.unroll for h in m.horizon_schedule),
-            "every entry >= meta.unroll",
+            all(h >= m.unroll and h % m.unroll == 0 for h in m.horizon_schedule),
+            "every entry a multiple of meta.unroll (tasks end at unroll boundaries)",
         ),
         ("meta.meta_lr", m.meta_lr, positive(m.meta_lr), "finite and > 0"),
         ("meta.clip", m.clip, positive(m.clip), "finite and > 0"),
