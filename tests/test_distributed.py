@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -24,12 +23,6 @@ from conftest import make_nets  # noqa: E402
 STEPS = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _snapshot(model, opt) -> torch.Tensor:
     """Parameters, feature state and LSTM state of every kind, as one flat tensor."""
     parts = [p.detach().reshape(-1).float() for p in model.parameters()]
@@ -39,9 +32,10 @@ def _snapshot(model, opt) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank: int, port: int, options: UpdateOptions, out: str) -> None:
+def _worker(rank: int, rendezvous: str, options: UpdateOptions, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file rendezvous: no port to pick, so no race with other processes for it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         torch.manual_seed(rank)  # different inits on purpose: broadcast must fix them
         model = build_network("small", (1, 12, 12), 4)
@@ -81,7 +75,8 @@ def _worker(rank: int, port: int, options: UpdateOptions, out: str) -> None:
 )
 def test_two_ranks_hold_bitwise_equal_parameters_and_lstm_state_after_every_step(tmp_path, options):
     out = tmp_path / "report.pt"
-    mp.spawn(_worker, args=(_free_port(), options, str(out)), nprocs=2, join=True)
+    rendezvous = str(tmp_path / "rendezvous")
+    mp.spawn(_worker, args=(rendezvous, options, str(out)), nprocs=2, join=True)
     report = torch.load(out, weights_only=True)
     assert len(report) == STEPS
     for step, (equal, batches_differ) in enumerate(report, 1):
