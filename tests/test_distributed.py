@@ -64,6 +64,7 @@ def _worker(rank: int, rendezvous: str, options: UpdateOptions, out: str) -> Non
             )
         if rank == 0:
             torch.save(report, out)
+        dist.barrier()  # both ranks leave together: tearing gloo down mid-peer aborted once
     finally:
         dist.destroy_process_group()
 
