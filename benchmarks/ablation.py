@@ -152,8 +152,9 @@ def _table(report: dict) -> str:
             acc = [100 * a for a in runs["test_accuracy"]]
             row += [_fmt(runs["final_loss"]), _fmt(acc, 2), reach_text]
         lines.append("| " + " | ".join(row) + " |")
+    seeds = report_seeds(report["seeds"])
     foot = (
-        f"\n{report['seeds']} seeds (20000..{20000 + report['seeds'] - 1}), {report['steps']} steps, batch "
+        f"\n{report['seeds']} seeds ({seeds[0]}..{seeds[-1]}), {report['steps']} steps, batch "
         f"128; mean ± 95 % t-interval; loss on {report['data']} (training subset); "
         f"Adam tuned on seed {TUNING_SEED} over {list(ADAM_GRID)}. Validation: the "
         "meta-training selection score (mean log training loss over 300-step runs of "

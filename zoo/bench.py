@@ -718,7 +718,8 @@ def write_report(cells: list[CellResult], config: BenchConfig, out: Path, comman
         lines.append("")
         if cell.sensitivity:
             lines += [
-                f"Sensitivity (final training loss, seed {FIRST_SEED}; × the tuned learning rate, or "
+                f"Sensitivity (final training loss, seed {FIRST_SEED}; "
+                "× the tuned learning rate, or "
                 "× the update nets' output scale):",
                 "",
                 sensitivity_table(cell),
