@@ -1063,23 +1063,10 @@ def _grid_option(method: str, default: tuple[float, ...]):
 def bench(**options) -> None:
     """The paper's comparison: SGD, RMSprop, Adam, SOU, the gradient-only and second-order
     LSTMs and joint mode on each dataset and network, with sensitivity and long-run studies."""
-    from zoo.bench import DEFAULT_GRIDS, BenchConfig, plan_bench, run_bench, write_report
+    from zoo.bench import plan_bench, run_bench, write_report
 
     out = _writable_dir(options.pop("out"))
-    grids = {m: tuple(options.pop(f"{m}_grid")) for m in DEFAULT_GRIDS}
-    options["sou_dampings"] = tuple(options["sou_dampings"])
-    checkpoints = {
-        "lstm-g": options.pop("lstm_g"),
-        "lstm-gh": options.pop("lstm_gh"),
-        "lstm-layer": options.pop("lstm_layer"),
-    }
-    data_root = options.pop("data_root")
-    config = BenchConfig(
-        grids=grids,
-        checkpoints=checkpoints,
-        data_root=str(data_root) if data_root else None,
-        **options,
-    )
+    config = _bench_config(options)
     plan = plan_bench(config)
     for name, data in plan.data.items():
         click.echo(f"data ({name}): {data.source}")
@@ -1095,6 +1082,74 @@ def bench(**options) -> None:
 
         raise click.ClickException(f"cannot write {out}: {describe_os_error(error)}") from error
     click.echo("\n" + text)
+    click.echo(f"\nreport: {out / 'report.md'}")
+
+
+
+def _bench_config(options: dict):
+    """A :class:`zoo.bench.BenchConfig` from ``zoo bench``'s parsed options (less ``out``)."""
+    from zoo.bench import DEFAULT_GRIDS, BenchConfig
+
+    options = dict(options)
+    grids = {m: tuple(options.pop(f"{m}_grid")) for m in DEFAULT_GRIDS}
+    options["sou_dampings"] = tuple(options["sou_dampings"])
+    checkpoints = {
+        "lstm-g": options.pop("lstm_g"),
+        "lstm-gh": options.pop("lstm_gh"),
+        "lstm-layer": options.pop("lstm_layer"),
+    }
+    data_root = options.pop("data_root")
+    return BenchConfig(
+        grids=grids,
+        checkpoints=checkpoints,
+        data_root=str(data_root) if data_root else None,
+        **options,
+    )
+
+
+def _bench_config_from_command(command: str):
+    """The configuration a recorded ``zoo bench ...`` command ran with, for bench.json files
+    written before they recorded it (defaults are this zoo's)."""
+    from zoo.errors import ConfigError
+
+    args = shlex.split(command)
+    if "bench" not in args:
+        raise ConfigError(f"recorded command {command!r} is not a `zoo bench` command")
+    try:
+        ctx = bench.make_context("bench", args[args.index("bench") + 1 :])
+    except click.ClickException as error:
+        raise ConfigError(f"recorded command {command!r} no longer parses: {error}") from error
+    options = dict(ctx.params)
+    options.pop("out", None)
+    return _bench_config(options)
+
+
+@main.command("bench-merge")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for the merged report.md, PNGs and bench.json.",
+)
+@_friendly
+def bench_merge(sources: tuple[Path, ...], out: Path) -> None:
+    """Merge the output folders of several `zoo bench` runs (same seeds, steps and batches)
+    into one report: one table and one set of plots per dataset and network."""
+    from zoo.bench import write_report
+    from zoo.bench_merge import load_report, merge_reports
+
+    runs = [load_report(path, _bench_config_from_command) for path in sources]
+    config, cells = merge_reports(runs)
+    out = _writable_dir(out)
+    command = _command_line("bench-merge")
+    try:
+        text = write_report(cells, config, out, command, sources=[r.command for r in runs])
+    except OSError as error:
+        from zoo.safe_io import describe_os_error
+
+        raise click.ClickException(f"cannot write {out}: {describe_os_error(error)}") from error
+    click.echo(text)
     click.echo(f"\nreport: {out / 'report.md'}")
 
 

@@ -665,12 +665,24 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series, log_x=False,
     plt.close(fig)
 
 
-def write_report(cells: list[CellResult], config: BenchConfig, out: Path, command: str = "") -> str:
-    """Write ``report.md``, the PNGs and ``bench.json`` under ``out``; returns the markdown."""
+def write_report(
+    cells: list[CellResult],
+    config: BenchConfig,
+    out: Path,
+    command: str = "",
+    sources: Sequence[str] = (),
+) -> str:
+    """Write ``report.md``, the PNGs and ``bench.json`` under ``out``; returns the markdown.
+
+    ``sources`` are the commands of the runs a merged report (:mod:`zoo.bench_merge`) was
+    made from.
+    """
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# zoo bench", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    if sources:
+        lines += ["Merged from these runs:", "", *[f"- `{c}`" for c in sources], ""]
     lines += [
         f"{config.seeds} seed(s) ({_seed_range(config.seeds)}; disjoint from the meta-training, "
         f"checkpoint-selection and tuning seeds) × {config.steps} steps, batch "
@@ -756,9 +768,10 @@ def write_report(cells: list[CellResult], config: BenchConfig, out: Path, comman
         payload.append(_cell_json(cell, config))
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n", encoding="utf-8")
-    (out / "bench.json").write_text(
-        json.dumps({"command": command, "cells": payload}, indent=1, default=str), encoding="utf-8"
-    )
+    saved = {"command": command, "config": config_json(config), "cells": payload}
+    if sources:
+        saved["sources"] = list(sources)
+    (out / "bench.json").write_text(json.dumps(saved, indent=1, default=str), encoding="utf-8")
     return text
 
 
@@ -768,6 +781,9 @@ def _cell_json(cell: CellResult, config: BenchConfig) -> dict:
         "network": cell.network,
         "data": cell.data_source,
         "metrics": cell_metrics(cell, config),
+        "labels": cell.labels,
+        "best": cell.best,
+        "sou_damping": cell.sou_damping,
         "tuning": cell.tuning,
         "sensitivity": {
             k: {f"{m:.4g}": s for m, s in v.items()} for k, v in cell.sensitivity.items()
@@ -782,6 +798,26 @@ def _cell_json(cell: CellResult, config: BenchConfig) -> dict:
         "runs": {n: [r.__dict__ for r in rs] for n, rs in cell.results.items()},
         "notes": cell.notes,
     }
+
+
+def config_json(config: BenchConfig) -> dict:
+    """``config`` as JSON values (tuples as lists), for ``bench.json``."""
+    return json.loads(json.dumps(config.__dict__))
+
+
+def config_from_json(values: Mapping) -> BenchConfig:
+    """The inverse of :func:`config_json`; unknown keys are an error naming them."""
+    known = set(BenchConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"bench config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    fixed = dict(values)
+    for name in ("datasets", "networks", "methods", "sou_dampings"):
+        if name in fixed:
+            fixed[name] = tuple(fixed[name])
+    if "grids" in fixed:
+        fixed["grids"] = {k: tuple(v) for k, v in fixed["grids"].items()}
+    return BenchConfig(**fixed)
 
 
 def copy_config(config: BenchConfig, **changes) -> BenchConfig:
