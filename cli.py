@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -1085,7 +1086,6 @@ def bench(**options) -> None:
     click.echo(f"\nreport: {out / 'report.md'}")
 
 
-
 def _bench_config(options: dict):
     """A :class:`zoo.bench.BenchConfig` from ``zoo bench``'s parsed options (less ``out``)."""
     from zoo.bench import DEFAULT_GRIDS, BenchConfig
@@ -1112,13 +1112,22 @@ def _bench_config_from_command(command: str):
     written before they recorded it (defaults are this zoo's)."""
     from zoo.errors import ConfigError
 
-    args = shlex.split(command)
+    try:
+        args = shlex.split(command)
+    except ValueError as error:
+        raise ConfigError(f"recorded command {command!r} does not parse ({error})") from error
     if "bench" not in args:
         raise ConfigError(f"recorded command {command!r} is not a `zoo bench` command")
+    if "--help" in args:
+        raise ConfigError(f"recorded command {command!r} only asks for help; rerun that benchmark")
     try:
         ctx = bench.make_context("bench", args[args.index("bench") + 1 :])
-    except click.ClickException as error:
-        raise ConfigError(f"recorded command {command!r} no longer parses: {error}") from error
+    except (click.ClickException, click.exceptions.Exit) as error:
+        why = error.format_message() if isinstance(error, click.ClickException) else "help only"
+        raise ConfigError(
+            f"recorded command {command!r} does not parse as a bench run ({why}); "
+            "rerun that benchmark"
+        ) from error
     options = dict(ctx.params)
     options.pop("out", None)
     return _bench_config(options)
@@ -1140,14 +1149,26 @@ def bench_merge(sources: tuple[Path, ...], out: Path) -> None:
     from zoo.bench_merge import load_report, merge_reports
 
     runs = [load_report(path, _bench_config_from_command) for path in sources]
+    if any(run.path.resolve() == out.resolve() for run in runs):
+        raise click.ClickException(f"--out {out} is one of the sources; write the merge elsewhere")
     config, cells = merge_reports(runs)
     out = _writable_dir(out)
     command = _command_line("bench-merge")
-    try:
-        text = write_report(cells, config, out, command, sources=[r.command for r in runs])
-    except OSError as error:
-        from zoo.safe_io import describe_os_error
+    from zoo.safe_io import describe_os_error, replace_dir, staging_dir
 
+    # Rendered into a staging folder and swapped in whole: a failure leaves no half report.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(out)
+        try:
+            text = write_report(
+                cells, config, staging, command, sources=[s for r in runs for s in r.sources]
+            )
+            replace_dir(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except OSError as error:
         raise click.ClickException(f"cannot write {out}: {describe_os_error(error)}") from error
     click.echo(text)
     click.echo(f"\nreport: {out / 'report.md'}")

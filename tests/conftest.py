@@ -20,6 +20,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def tiny_data() -> Dataset:
     """Random 1x12x12 'images' with labels that depend on them (learnable, fast)."""
+    return make_tiny_data()
+
+
+def make_tiny_data() -> Dataset:
+    """The :func:`tiny_data` set, for module-scoped fixtures."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 1, 12, 12, generator=gen)
     y = (x[:, 0, :6].sum((1, 2)) > 0).long() + 2 * (x[:, 0, :, :6].sum((1, 2)) > 0).long()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +15,8 @@ from cli import main
 from zoo.bench import BenchConfig, plan_bench, run_bench, write_report
 from zoo.bench_merge import load_report, merge_reports, method_key
 from zoo.errors import ConfigError
+
+from .conftest import make_tiny_data
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,11 +39,22 @@ def _run(tiny_data, out, methods, steps=3, **grids):
     return cells
 
 
+@pytest.fixture(scope="module")
+def made_runs(tmp_path_factory):
+    """Two tiny bench runs sharing Adam, made once; tests get their own copies."""
+    data = make_tiny_data()
+    root = tmp_path_factory.mktemp("bench-runs")
+    a = _run(data, root / "a", ("sgd", "adam"))
+    b = _run(data, root / "b", ("adam", "sou"))
+    return root, a[0], b[0]
+
+
 @pytest.fixture
-def two_runs(tiny_data, tmp_path):
-    a = _run(tiny_data, tmp_path / "a", ("sgd", "adam"))
-    b = _run(tiny_data, tmp_path / "b", ("adam", "sou"))
-    return tmp_path / "a", tmp_path / "b", a[0], b[0]
+def two_runs(made_runs, tmp_path):
+    root, a, b = made_runs
+    shutil.copytree(root / "a", tmp_path / "a")
+    shutil.copytree(root / "b", tmp_path / "b")
+    return tmp_path / "a", tmp_path / "b", a, b
 
 
 def test_merged_cell_has_every_method_once_in_bench_order(two_runs, tmp_path):
@@ -146,7 +161,10 @@ def test_cli_merges_a_legacy_folder_by_reparsing_its_command(two_runs, tmp_path)
         (None, "no bench.json"),
         ("{not json", "cannot read it as JSON"),
         ('{"cells": 3}', "no list of cells"),
-        ('{"command": "zoo bench --steps 0", "cells": []}', "no longer parses|must be >= 1"),
+        (
+            '{"command": "zoo bench --steps 0", "cells": []}',
+            "does not parse as a bench run.*must be >= 1",
+        ),
         ('{"command": "zoo transfer", "cells": []}', "not a `zoo bench` command"),
     ],
 )
@@ -160,4 +178,114 @@ def test_cli_names_a_bad_source_and_writes_nothing(tmp_path, content, message):
     assert result.exit_code == 1, result.output
     assert "Error:" in result.output and "Traceback" not in result.output
     assert re.search(message, result.output), result.output
+    assert not out.exists()
+
+
+def _edit(folder, change):
+    saved = json.loads((folder / "bench.json").read_text())
+    change(saved)
+    (folder / "bench.json").write_text(json.dumps(saved))
+
+
+def test_a_method_tuned_to_different_values_is_refused(tiny_data, two_runs, tmp_path):
+    a_dir = two_runs[0]
+    _run(tiny_data, tmp_path / "c", ("adam",), adam=(1e-3,))  # Adam lr=0.001 here, 0.003 in a
+    with pytest.raises(ConfigError, match=r"Adam is 'Adam lr=0.003' in .* but 'Adam lr=0.001'"):
+        merge_reports([load_report(a_dir), load_report(tmp_path / "c")])
+
+
+def test_a_tampered_grid_that_contradicts_the_tuned_value_is_refused(two_runs):
+    a_dir, b_dir, _, _ = two_runs
+    _edit(b_dir, lambda s: s["cells"][0]["tuning"]["adam"].update({"0.02": 1e-9}))
+    with pytest.raises(ConfigError, match="tuned to 0.003, but grid point 0.02"):
+        merge_reports([load_report(a_dir), load_report(b_dir)])
+
+
+def test_a_method_that_diverged_in_only_one_run_is_refused(two_runs):
+    a_dir, b_dir, _, _ = two_runs
+    _edit(a_dir, lambda s: s["cells"][0]["runs"].update({"Adam lr=0.003": []}))
+    with pytest.raises(ConfigError, match="diverged in only one"):
+        merge_reports([load_report(a_dir), load_report(b_dir)])
+
+
+def test_one_time_factor_per_run_applies_to_all_its_cells(two_runs):
+    a_dir, b_dir, _, _ = two_runs
+
+    def add_big(saved):
+        big = copy.deepcopy(saved["cells"][0])
+        big["network"] = "big"
+        saved["cells"].append(big)
+
+    _edit(b_dir, add_big)
+    _, cells = merge_reports([load_report(a_dir), load_report(b_dir)])
+    small, big = cells
+    scaled = [n for c in cells for n in c.notes if "scaled by" in n]
+    assert len(scaled) == 2 and scaled[0].split("scaled by")[1] == scaled[1].split("scaled by")[1]
+    assert big.results["SOU α=0.01 μ=0.03"][0].extra == small.results["SOU α=0.01 μ=0.03"][0].extra
+
+
+@pytest.mark.parametrize("setting, value", [("steps", 4), ("seeds", 3), ("target_loss", 0.5)])
+def test_runs_that_differ_in_a_comparable_setting_are_refused(two_runs, setting, value):
+    a_dir, b_dir, _, _ = two_runs
+    _edit(b_dir, lambda s: s["config"].update({setting: value}))
+    with pytest.raises(ConfigError, match=f"not comparable.*{setting}"):
+        merge_reports([load_report(a_dir), load_report(b_dir)])
+
+
+def test_the_same_folder_twice_or_a_doubled_cell_is_refused(two_runs):
+    a_dir = two_runs[0]
+    with pytest.raises(ConfigError, match="given twice"):
+        merge_reports([load_report(a_dir), load_report(a_dir)])
+    _edit(a_dir, lambda s: s["cells"].append(s["cells"][0]))
+    with pytest.raises(ConfigError, match="same dataset/network cell twice"):
+        load_report(a_dir)
+
+
+def test_cli_refuses_to_write_over_a_source_and_leaves_it_intact(two_runs):
+    a_dir, b_dir, _, _ = two_runs
+    before = (a_dir / "bench.json").read_bytes()
+    result = CliRunner().invoke(main, ["bench-merge", str(a_dir), str(b_dir), "--out", str(a_dir)])
+    assert result.exit_code == 1 and "is one of the sources" in result.output
+    assert (a_dir / "bench.json").read_bytes() == before
+
+
+def _break(saved, what):
+    cell = saved["cells"][0]
+    run = next(iter(cell["runs"].values()))[0]
+    if what == "runs as a list":
+        cell["runs"] = []
+    elif what == "labels as text":
+        cell["labels"] = "adam"
+    elif what == "NaN loss":
+        run["train_loss"][-1] = float("nan")
+    elif what == "zero clock":
+        run["extra"]["train_seconds"] = [0.0] * len(run["steps"])
+    elif what == "short curve":
+        run["train_loss"] = run["train_loss"][:-1]
+    elif what == "no cells":
+        saved["cells"] = []
+    elif what == "config as null":
+        saved["config"] = None
+    elif what == "unknown config key":
+        saved["config"]["speed"] = 1
+    elif what == "help command":
+        del saved["config"]
+        saved["command"] = "zoo bench --help"
+    elif what == "unclosed quote":
+        del saved["config"]
+        saved["command"] = "zoo bench --out 'x"
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["runs as a list", "labels as text", "NaN loss", "zero clock", "short curve", "no cells",
+     "config as null", "unknown config key", "help command", "unclosed quote"],
+)  # fmt: skip
+def test_cli_turns_a_damaged_source_into_one_error_and_writes_nothing(two_runs, tmp_path, what):
+    a_dir, b_dir, _, _ = two_runs
+    _edit(a_dir, lambda s: _break(s, what))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench-merge", str(a_dir), str(b_dir), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error:") and "Traceback" not in result.output, result.output
     assert not out.exists()

@@ -553,7 +553,8 @@ def cell_metrics(cell: CellResult, config: BenchConfig) -> dict:
 
 def cell_table(cell: CellResult, config: BenchConfig) -> str:
     metrics = cell_metrics(cell, config)
-    adam_target = config.target_loss is None and "adam" in cell.labels
+    adam = cell.labels.get("adam")
+    adam_target = config.target_loss is None and bool(cell.results.get(adam))
     header = [
         "method",
         "tuned",
@@ -580,7 +581,7 @@ def cell_table(cell: CellResult, config: BenchConfig) -> str:
             if m["steps_to_target"]
             else f"- (0/{len(m['final_loss'])})"
         )
-        if m["steps_to_target"] and adam_target:
+        if m["steps_to_target"] and adam_target and key != "adam":
             # The target is Adam's loss after all its steps: the fraction of them needed.
             steps += f", {statistics.fmean(m['steps_to_target']) / config.steps:.2f}× Adam's"
         rows.append(

@@ -59,6 +59,8 @@ COMPARABLE = (
     "test_examples",
     "train_examples",
     "tuning_seed",
+    "target_loss",
+    "budget_seconds",
 )
 
 
@@ -70,6 +72,7 @@ class BenchRun:
     command: str
     config: BenchConfig
     cells: list[CellResult]
+    sources: list[str]  # the bench commands behind it (several for a merged report)
 
 
 def method_key(label: str) -> str:
@@ -106,17 +109,53 @@ def _multiplier(text: str) -> float:
     return float(text)
 
 
+def _check_record(record: RunRecord, where: str) -> None:
+    """A run as zoo bench saves it: matching, finite curves and increasing clocks."""
+    n = len(record.steps)
+    times = record.extra["train_seconds"]
+    accuracy = record.extra["test_accuracy"]
+    problems = []
+    if n == 0 or any(not isinstance(s, int) for s in record.steps):
+        problems.append("no steps")
+    elif record.steps != sorted(record.steps) or record.steps[-1] < 1:
+        problems.append("steps not increasing")
+    if len(record.train_loss) != n or len(times) != n or len(accuracy) != n:
+        problems.append("curves of different lengths")
+    elif not all(math.isfinite(v) for v in [*record.train_loss, *times, *accuracy]):
+        problems.append("non-finite values")
+    elif times[-1] <= 0 or any(b < a for a, b in zip(times, times[1:], strict=False)):
+        problems.append("training clock not increasing")
+    if problems:
+        raise ConfigError(
+            f"{where}: run {record.method!r} seed {record.seed}: {', '.join(problems)}"
+        )
+
+
 def _cell_from_json(values: dict, config: BenchConfig, where: Path) -> CellResult:
     try:
-        results = {label: [RunRecord(**r) for r in runs] for label, runs in values["runs"].items()}
+        results = {
+            str(label): [RunRecord(**r) for r in runs] for label, runs in values["runs"].items()
+        }
+        for records in results.values():
+            for record in records:
+                _check_record(record, str(where))
         labels = values.get("labels") or {method_key(label): label for label in results}
+        labels = {str(k): str(v) for k, v in labels.items()}
+        for key, label in labels.items():
+            if key not in METHODS or label not in results:
+                raise ValueError(f"label {key!r}: {label!r} names no method or no runs")
         if "best" in values:
-            best, damping = dict(values["best"]), float(values.get("sou_damping", 0.0))
+            best = {k: float(values["best"][k]) for k in labels}
+            damping = float(values.get("sou_damping", 0.0))
         else:  # written before labels and tuned values were saved
             best, damping = {}, 0.0
             for key, label in labels.items():
                 best[key], mu = _best_from_label(key, label, config)
                 damping = mu if key == "sou" else damping
+        tuning = {
+            str(key): {str(point): float(score) for point, score in scores.items()}
+            for key, scores in values.get("tuning", {}).items()
+        }
         long = {}
         for key, info in values.get("long", {}).items():
             runs = {
@@ -124,23 +163,31 @@ def _cell_from_json(values: dict, config: BenchConfig, where: Path) -> CellResul
                 for name, (steps, losses) in info.get("curves", {}).items()
             }
             long[key] = {**{k: v for k, v in info.items() if k != "curves"}, "runs": runs}
+            if key not in labels or "verdict" not in info:
+                raise ValueError(f"long-run entry {key!r} has no method or verdict")
+            if runs and "horizon" not in info:
+                raise ValueError(f"long-run entry {key!r} has no horizon")
+        sensitivity = {
+            key: {_multiplier(m): float(s) for m, s in sweep.items()}
+            for key, sweep in values.get("sensitivity", {}).items()
+        }
+        for key, sweep in sensitivity.items():
+            if key not in labels or set(sweep) != set(SENSITIVITY_MULTIPLIERS):
+                raise ValueError(f"sensitivity entry {key!r} is not a full sweep of a method")
         return CellResult(
-            dataset=values["dataset"],
-            network=values["network"],
-            data_source=values["data"],
+            dataset=str(values["dataset"]),
+            network=str(values["network"]),
+            data_source=str(values["data"]),
             results=results,
             labels=labels,
-            tuning=values.get("tuning", {}),
+            tuning=tuning,
             best=best,
             sou_damping=damping,
-            sensitivity={
-                key: {_multiplier(m): s for m, s in sweep.items()}
-                for key, sweep in values.get("sensitivity", {}).items()
-            },
+            sensitivity=sensitivity,
             long=long,
-            notes=list(values.get("notes", [])),
+            notes=[str(n) for n in values.get("notes", [])],
         )
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise ConfigError(
             f"{where}: not a bench.json zoo bench wrote ({type(error).__name__}: {error}); "
             "merge the folders `zoo bench --out` produced"
@@ -157,6 +204,8 @@ def load_report(path: Path, config_from_command=None) -> BenchRun:
     file = path / "bench.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"{path}: no bench.json; give a folder written by `zoo bench --out`")
+    if file.name != "bench.json":
+        raise ConfigError(f"{path}: give the folder `zoo bench --out` wrote (it holds bench.json)")
     try:
         saved = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -164,8 +213,13 @@ def load_report(path: Path, config_from_command=None) -> BenchRun:
     if not isinstance(saved, dict) or not isinstance(saved.get("cells"), list):
         raise ConfigError(f"{file}: not a bench.json zoo bench wrote (no list of cells)")
     command = str(saved.get("command", ""))
-    if "config" in saved:
-        config = config_from_json(saved["config"])
+    if isinstance(saved.get("config"), dict):
+        try:
+            config = config_from_json(saved["config"])
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ConfigError(f"{file}: its config does not parse ({error})") from error
+    elif "config" in saved:
+        raise ConfigError(f"{file}: its config is not an object; rerun that benchmark")
     elif config_from_command is not None and command:
         config = config_from_command(command)
     else:
@@ -173,11 +227,22 @@ def load_report(path: Path, config_from_command=None) -> BenchRun:
             f"{file}: records no configuration (written by an older zoo without its command); "
             "rerun that benchmark"
         )
+    if not saved["cells"]:
+        raise ConfigError(f"{file}: holds no cells (the bench ran nothing); nothing to merge")
     cells = [_cell_from_json(c, config, file) for c in saved["cells"]]
-    return BenchRun(file.parent, command, config, cells)
+    keys = [(c.dataset, c.network) for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{file}: holds the same dataset/network cell twice")
+    sources = saved.get("sources")
+    if not (isinstance(sources, list) and sources):
+        sources = [command]
+    return BenchRun(file.parent, command, config, cells, [str(s) for s in sources])
 
 
 def _check_comparable(runs: Sequence[BenchRun]) -> None:
+    places = [run.path.resolve() for run in runs]
+    if len(set(places)) != len(places):
+        raise ConfigError("the same bench folder is given twice; give each run once")
     first = runs[0]
     problems = []
     for run in runs[1:]:
@@ -187,9 +252,8 @@ def _check_comparable(runs: Sequence[BenchRun]) -> None:
                 problems.append(f"{name}: {a!r} in {first.path} but {b!r} in {run.path}")
     if problems:
         raise ConfigError(
-            "these bench runs are not comparable (different seeds, batches or lengths): "
-            + "; ".join(problems)
-            + ". Rerun the odd one with the same settings."
+            "these bench runs are not comparable (different seeds, batches, lengths or "
+            "targets): " + "; ".join(problems) + ". Rerun the odd one with the same settings."
         )
 
 
@@ -207,68 +271,124 @@ def _rescale(records: list[RunRecord], factor: float) -> list[RunRecord]:
     return scaled
 
 
-def _merge_cell(parts: list[tuple[BenchRun, CellResult]]) -> CellResult:
-    (first_run, first), later = parts[0], parts[1:]
+def _time_factor(first: BenchRun, run: BenchRun) -> tuple[float, str | None]:
+    """One wall-clock factor per run: a method both runs finished, Adam preferred."""
+    mine = {(c.dataset, c.network): c for c in first.cells}
+    shared = []
+    for cell in run.cells:
+        other = mine.get((cell.dataset, cell.network))
+        for label, records in cell.results.items():
+            if other is not None and records and other.results.get(label):
+                shared.append((method_key(label) != "adam", other.results[label], records, label))
+    if not shared:
+        return 1.0, None
+    _, reference, records, label = min(shared, key=lambda s: s[0])
+    return _mean_ms_per_step(reference) / _mean_ms_per_step(records), label
+
+
+def _tuned_point(key: str, best: float, damping: float) -> str:
+    return f"α={best:g}, μ={damping:g}" if key == "sou" else f"{best:g}"
+
+
+def _provenance_note(cell: CellResult, label: str) -> str | None:
+    prefix = f"{cell.dataset}/{cell.network}: {label} is "
+    return next((n[len(prefix) :] for n in cell.notes if n.startswith(prefix)), None)
+
+
+def _merge_cell(
+    parts: list[tuple[BenchRun, CellResult, float, str | None]], reference: BenchRun
+) -> CellResult:
+    """One cell from its parts, in run order; ``reference`` is the run all times follow."""
+    (first_run, first, first_factor, _), later = parts[0], parts[1:]
     merged = copy.deepcopy(first)
+    merged.results = {label: _rescale(rs, first_factor) for label, rs in first.results.items()}
     where = f"{first.dataset}/{first.network}"
     notes = [f"{where}: from {first_run.path}: {', '.join(first.results)}"]
-    for run, cell in later:
-        if cell.data_source != first.data_source:
-            notes.append(f"{where}: {run.path} used data {cell.data_source!r}")
-        shared = [
-            label for label in cell.results if merged.results.get(label) and cell.results[label]
-        ]
-        factor = 1.0
-        if shared:
-            label = next((s for s in shared if method_key(s) == "adam"), shared[0])
-            factor = _mean_ms_per_step(merged.results[label]) / _mean_ms_per_step(
-                cell.results[label]
-            )
+    for run, _, factor, timed_by in parts:
+        if run is reference:
+            continue
+        if timed_by is None:
             notes.append(
-                f"{where}: wall-clock of {run.path} scaled by {factor:.3f} so that its "
-                f"{label} matches the first run's ms/step (machine load differed)"
+                f"{where}: {run.path} shares no finished method with the first run; its "
+                "wall-clock figures are as measured, under whatever load that run had"
             )
         else:
             notes.append(
-                f"{where}: {run.path} shares no method with the first run; its wall-clock "
-                "figures are as measured, under whatever load that run had"
+                f"{where}: wall-clock of {run.path} scaled by {factor:.3f} so that its "
+                f"{timed_by} matches the first run's ms/step"
+                + ("" if abs(factor - 1) < 0.02 else " (the machine's load differed)")
             )
-        added = []
-        for label, records in cell.results.items():
-            if label in merged.results:
-                mine = merged.results[label]
-                if mine and records:
-                    gap = max(
-                        abs(a.train_loss[-1] - b.train_loss[-1])
-                        for a, b in zip(mine, records, strict=False)
-                    )
-                    notes.append(
-                        f"{where}: {label} ran in both {first_run.path} and {run.path}; kept "
-                        f"the first (final losses differ by at most {gap:.2g})"
-                    )
-                continue
-            merged.results[label] = _rescale(records, factor)
-            added.append(label)
-        if added:
-            notes.append(f"{where}: from {run.path}: {', '.join(added)}")
+    for run, cell, factor, _ in later:
+        if cell.data_source != first.data_source:
+            raise ConfigError(
+                f"{where}: {first_run.path} used data {first.data_source!r} but {run.path} "
+                f"used {cell.data_source!r}; merge runs on the same data"
+            )
+        added, kept = [], set()
         for key, label in cell.labels.items():
             if key not in merged.labels:
                 merged.labels[key] = label
                 merged.best[key] = cell.best[key]
                 if key == "sou":
                     merged.sou_damping = cell.sou_damping
+                merged.results[label] = _rescale(cell.results[label], factor)
+                added.append(label)
+                continue
+            if merged.labels[key] != label:
+                raise ConfigError(
+                    f"{where}: {LABELS[key]} is {merged.labels[key]!r} in {first_run.path} but "
+                    f"{label!r} in {run.path} (tuned on different grids or settings); a table "
+                    "holds one per method: rerun one of them with the other's grid"
+                )
+            mine, theirs = _provenance_note(merged, label), _provenance_note(cell, label)
+            if mine != theirs:
+                raise ConfigError(
+                    f"{where}: {label} is {mine} in {first_run.path} but {theirs} in "
+                    f"{run.path}; merge runs of the same checkpoint"
+                )
+            kept.add(label)
+            a, b = merged.results[label], cell.results[label]
+            if bool(a) != bool(b):
+                raise ConfigError(
+                    f"{where}: {label} diverged in only one of {first_run.path} and {run.path}, "
+                    "so the runs are not comparable (different machines or versions?)"
+                )
+            if a:
+                gap = max(
+                    abs(x.train_loss[-1] - y.train_loss[-1]) for x, y in zip(a, b, strict=False)
+                )
+                notes.append(
+                    f"{where}: {label} ran in both {first_run.path} and {run.path}; kept the "
+                    f"first (final losses differ by at most {gap:.2g})"
+                )
+        if added:
+            notes.append(f"{where}: from {run.path}: {', '.join(added)}")
         for key, scores in cell.tuning.items():
-            merged.tuning[key] = {**scores, **merged.tuning.get(key, {})}
+            mine = merged.tuning.setdefault(key, {})
+            for point, score in scores.items():
+                mine.setdefault(point, score)
         for key, sweep in cell.sensitivity.items():
             merged.sensitivity.setdefault(key, sweep)
         for key, info in cell.long.items():
             merged.long.setdefault(key, info)
-        merged.notes += [n for n in cell.notes if n not in merged.notes]
+        merged.notes += [
+            n
+            for n in cell.notes
+            if n not in merged.notes and not any(n.startswith(f"{where}: {k} ") for k in kept)
+        ]
+    for key, scores in merged.tuning.items():
+        finite = {p: v for p, v in scores.items() if math.isfinite(v)}
+        if key in merged.best and finite:
+            chosen = _tuned_point(key, merged.best[key], merged.sou_damping)
+            winner = min(finite, key=finite.get)
+            if chosen in finite and finite[winner] < finite[chosen]:
+                raise ConfigError(
+                    f"{where}: {LABELS[key]} was tuned to {chosen}, but grid point {winner} of "
+                    "another run scores lower on the tuning seed; rerun with the whole grid"
+                )
     order = {key: i for i, key in enumerate(METHODS)}
     merged.labels = dict(sorted(merged.labels.items(), key=lambda kv: order[kv[0]]))
-    merged.results = {
-        label: merged.results[label] for label in merged.labels.values() if label in merged.results
-    }
+    merged.results = {label: merged.results[label] for label in merged.labels.values()}
     merged.notes += notes
     return merged
 
@@ -278,11 +398,12 @@ def merge_reports(runs: Sequence[BenchRun]) -> tuple[BenchConfig, list[CellResul
     if not runs:
         raise ConfigError("nothing to merge: give at least one bench output folder")
     _check_comparable(runs)
-    cells: dict[tuple[str, str], list[tuple[BenchRun, CellResult]]] = {}
-    for run in runs:
+    factors = [(1.0, None)] + [_time_factor(runs[0], run) for run in runs[1:]]
+    cells: dict[tuple[str, str], list] = {}
+    for run, (factor, label) in zip(runs, factors, strict=True):
         for cell in run.cells:
-            cells.setdefault((cell.dataset, cell.network), []).append((run, cell))
-    merged = [_merge_cell(parts) for parts in cells.values()]
+            cells.setdefault((cell.dataset, cell.network), []).append((run, cell, factor, label))
+    merged = [_merge_cell(parts, runs[0]) for parts in cells.values()]
     configs = [r.config for r in runs]
     methods = [m for m in METHODS if any(m in c.methods for c in configs)]
     grids: dict[str, tuple[float, ...]] = {}
@@ -292,8 +413,6 @@ def merge_reports(runs: Sequence[BenchRun]) -> tuple[BenchConfig, list[CellResul
                 grids[key] = tuple(sorted({*grids.get(key, ()), *c.grids[key]}))
     grids = {**configs[0].grids, **grids}
     dampings = tuple(sorted({mu for c in configs if "sou" in c.methods for mu in c.sou_dampings}))
-    targets = {c.target_loss for c in configs}
-    budgets = {c.budget_seconds for c in configs}
     config = copy_config(
         configs[0],
         datasets=tuple(dict.fromkeys(d for c in configs for d in c.datasets)),
@@ -301,8 +420,6 @@ def merge_reports(runs: Sequence[BenchRun]) -> tuple[BenchConfig, list[CellResul
         methods=tuple(methods),
         grids=grids,
         sou_dampings=dampings or configs[0].sou_dampings,
-        target_loss=targets.pop() if len(targets) == 1 else None,
-        budget_seconds=budgets.pop() if len(budgets) == 1 else None,
     )
     logger.info("merged %d bench runs into %d cells", len(runs), len(merged))
     return config, merged
