@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import shutil
+import statistics
 
 import pytest
 from click.testing import CliRunner
@@ -289,3 +290,25 @@ def test_cli_turns_a_damaged_source_into_one_error_and_writes_nothing(two_runs, 
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error:") and "Traceback" not in result.output, result.output
     assert not out.exists()
+
+
+def test_time_factors_chain_through_the_run_a_part_shares_a_method_with(two_runs, tmp_path):
+    a_dir, b_dir, a, b = two_runs
+    x, y = tmp_path / "x", tmp_path / "y"
+    shutil.copytree(b_dir, x)  # adam + sou, on "big"
+    shutil.copytree(a_dir, y)  # sgd + adam, on "big"
+    for folder in (x, y):
+        _edit(folder, lambda s: s["cells"][0].update({"network": "big"}))
+    _, cells = merge_reports([load_report(a_dir), load_report(x), load_report(y)])
+    big = next(c for c in cells if c.network == "big")
+    assert any(f"{x} shares no finished method" in n for n in big.notes)
+    ms = {
+        run: statistics.fmean(
+            r.extra["train_seconds"][-1] / r.steps[-1] for r in c.results["Adam lr=0.003"]
+        )
+        for run, c in (("a", a), ("b", b))
+    }
+    factor = ms["b"] / ms["a"]  # y (made from a) is put on x's (made from b) clock
+    assert any(f"scaled by {factor:.3f}" in n and f"ms/step in {x}" in n for n in big.notes)
+    sgd_merged, sgd_original = big.results["SGD lr=0.1"][0], a.results["SGD lr=0.1"][0]
+    assert sgd_merged.seconds == pytest.approx(sgd_original.seconds * factor)

@@ -286,6 +286,24 @@ def _time_factor(first: BenchRun, run: BenchRun) -> tuple[float, str | None]:
     return _mean_ms_per_step(reference) / _mean_ms_per_step(records), label
 
 
+def _time_factors(runs: Sequence[BenchRun]) -> list[tuple[float, str | None, Path | None]]:
+    """Per run: its wall-clock factor, the method it was matched on and the run matched.
+
+    Chained: each run is matched to the earliest run it shares a finished method with,
+    whose own factor carries over, so every run that overlaps another lands on one clock.
+    """
+    factors: list[tuple[float, str | None, Path | None]] = [(1.0, None, None)]
+    for i, run in enumerate(runs[1:], start=1):
+        found = (1.0, None, None)
+        for j in range(i):
+            factor, label = _time_factor(runs[j], run)
+            if label is not None:
+                found = (factors[j][0] * factor, label, runs[j].path)
+                break
+        factors.append(found)
+    return factors
+
+
 def _tuned_point(key: str, best: float, damping: float) -> str:
     return f"α={best:g}, μ={damping:g}" if key == "sou" else f"{best:g}"
 
@@ -295,30 +313,29 @@ def _provenance_note(cell: CellResult, label: str) -> str | None:
     return next((n[len(prefix) :] for n in cell.notes if n.startswith(prefix)), None)
 
 
-def _merge_cell(
-    parts: list[tuple[BenchRun, CellResult, float, str | None]], reference: BenchRun
-) -> CellResult:
-    """One cell from its parts, in run order; ``reference`` is the run all times follow."""
-    (first_run, first, first_factor, _), later = parts[0], parts[1:]
+def _merge_cell(parts: list[tuple], reference: BenchRun) -> CellResult:
+    """One cell from its parts ``(run, cell, time factor, matched method, matched run)``,
+    in run order; ``reference`` is the first run, whose clock the others follow."""
+    (first_run, first, first_factor, _, _), later = parts[0], parts[1:]
     merged = copy.deepcopy(first)
     merged.results = {label: _rescale(rs, first_factor) for label, rs in first.results.items()}
     where = f"{first.dataset}/{first.network}"
     notes = [f"{where}: from {first_run.path}: {', '.join(first.results)}"]
-    for run, _, factor, timed_by in parts:
+    for run, _, factor, timed_by, matched in parts:
         if run is reference:
             continue
         if timed_by is None:
             notes.append(
-                f"{where}: {run.path} shares no finished method with the first run; its "
+                f"{where}: {run.path} shares no finished method with an earlier run; its "
                 "wall-clock figures are as measured, under whatever load that run had"
             )
         else:
             notes.append(
                 f"{where}: wall-clock of {run.path} scaled by {factor:.3f} so that its "
-                f"{timed_by} matches the first run's ms/step"
+                f"{timed_by} matches the ms/step in {matched}"
                 + ("" if abs(factor - 1) < 0.02 else " (the machine's load differed)")
             )
-    for run, cell, factor, _ in later:
+    for run, cell, factor, _, _ in later:
         if cell.data_source != first.data_source:
             raise ConfigError(
                 f"{where}: {first_run.path} used data {first.data_source!r} but {run.path} "
@@ -398,11 +415,10 @@ def merge_reports(runs: Sequence[BenchRun]) -> tuple[BenchConfig, list[CellResul
     if not runs:
         raise ConfigError("nothing to merge: give at least one bench output folder")
     _check_comparable(runs)
-    factors = [(1.0, None)] + [_time_factor(runs[0], run) for run in runs[1:]]
     cells: dict[tuple[str, str], list] = {}
-    for run, (factor, label) in zip(runs, factors, strict=True):
+    for run, timing in zip(runs, _time_factors(runs), strict=True):
         for cell in run.cells:
-            cells.setdefault((cell.dataset, cell.network), []).append((run, cell, factor, label))
+            cells.setdefault((cell.dataset, cell.network), []).append((run, cell, *timing))
     merged = [_merge_cell(parts, runs[0]) for parts in cells.values()]
     configs = [r.config for r in runs]
     methods = [m for m in METHODS if any(m in c.methods for c in configs)]
