@@ -503,11 +503,13 @@ def _checkpoint_config(plan, data, result, command, minutes) -> dict:
 
 def _model_card(plan, data, result, command, minutes, config) -> str:
     kinds = ", ".join(plan.update_net.kinds)
-    layout = (
-        f"one net shared by every layer kind ({kinds})"
-        if plan.update_net.shared
-        else f"one net per\nlayer kind: {kinds}"
-    )
+    if plan.update_net.shared:
+        layout = f"one net shared by every layer kind ({kinds})"
+    elif plan.update_net.per_layer:
+        layers = ", ".join(result.nets)
+        layout = f"one net per\nlayer of `{plan.task.network}`: {layers}"
+    else:
+        layout = f"one net per\nlayer kind: {kinds}"
     sessions = config.get("commands") or [command]
     commands = f"`{sessions[0]}`" + "".join(f", resumed with `{c}`" for c in sessions[1:])
     validation = "\n".join(f"| {it} | {score:.4f} |" for it, score in result.validation)

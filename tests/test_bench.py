@@ -190,3 +190,18 @@ def test_intervals_are_95_percent_t_intervals():
     mean, half = _interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.30 * 1.0 / math.sqrt(3))
     assert _interval([5.0]) == (5.0, 0.0)
+
+
+@pytest.mark.parametrize("factor", [0, 1])
+def test_long_runs_are_skipped_entirely_at_long_factor_zero(tiny_data, tmp_path, factor):
+    gh = _checkpoint(tmp_path / "gh", "gh", horizon=2)
+    config = BenchConfig(
+        datasets=("tiny",), networks=("small",), methods=("lstm-gh",), seeds=1, steps=2,
+        checkpoints={"lstm-gh": str(gh)}, eval_examples=32, test_examples=32,
+        sensitivity=False, long_factor=factor,
+    )  # fmt: skip
+    (cell,) = run_bench(plan_bench(config, load=lambda name, root: tiny_data))
+    if factor == 0:
+        assert cell.long == {}
+    else:
+        assert cell.long["lstm-gh"]["steps"] == 2 and cell.long["lstm-gh"]["runs"]

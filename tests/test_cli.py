@@ -98,6 +98,21 @@ def test_meta_train_records_a_horizon_schedule(mnist_root, tmp_path):
     assert "tasks of 2/6 (cycled) steps" in (out / "README.md").read_text()
 
 
+def test_meta_train_card_names_the_layers_of_a_per_layer_checkpoint(mnist_root, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "cli-layers"\n[task]\nbatch_size = 16\n[update_net]\nper_layer = true\n'
+        "[meta]\niterations = 1\nhorizon = 2\nunroll = 2\nvalidate_every = 1\n"
+        '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
+    )
+    out = tmp_path / "ck"
+    result = _run("meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root))
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "one net per\nlayer of `small`: conv1, fc1" in card, card
+    assert "layer kind: conv, fc" not in card
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -366,7 +366,7 @@ def _run_cell(plan: BenchPlan, dataset: str, network: str, progress) -> CellResu
     if config.sensitivity:
         cell.sensitivity = _sensitivity(plan, cell, data, options)
     for key in LEARNED:
-        if key in keys:
+        if key in keys and config.long_factor > 0:
             cell.long[key] = _longer_than_trained(plan, cell, key, data, options)
     return cell
 
