@@ -255,7 +255,8 @@ def _repo_id(ctx, param, value: str) -> str:
     "--lock",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Lock file (JSON): a branch found there is pulled at its locked commit, a new one is recorded.",
+    help="Lock file (JSON): a branch found there is pulled at its locked commit, a new one is "
+    "recorded.",
 )
 @click.option(
     "--update",
@@ -539,7 +540,8 @@ datasets:
 {plan.description}
 
 A coordinate-wise LSTM optimizer ({plan.update_net.num_layers} layer(s) x \
-{plan.update_net.hidden_size} units, {layout}) with feature set `{plan.update_net.features}`, meta-trained with zoo
+{plan.update_net.hidden_size} units, {layout}) with feature set \
+`{plan.update_net.features}`, meta-trained with zoo
 {zoo.__version__} on the `{plan.task.network}` network and {plan.task.dataset}.
 
 ## How it was made
@@ -589,7 +591,8 @@ def _attach(pretrained, model, *, options):
     "--src",
     default="small",
     show_default=True,
-    help="Optimizer to transfer: 'small' (the shipped one meta-trained on small), a shipped name or a checkpoint folder.",
+    help="Optimizer to transfer: 'small' (the shipped one meta-trained on small), a shipped "
+    "name or a checkpoint folder.",
 )
 @click.option(
     "--dst",
@@ -771,7 +774,8 @@ def transfer(
     source = pretrained.config.get("source_network", {})
     click.echo(f"data: {data.source}")
     click.echo(
-        f"optimizer: {pretrained.name} (meta-trained on {source.get('name')}/{source.get('dataset')}, "
+        f"optimizer: {pretrained.name} "
+        f"(meta-trained on {source.get('name')}/{source.get('dataset')}, "
         f"features {pretrained.features.name}) -> {dst} ({count_parameters(probe):,} parameters)"
     )
     # The report needs only the routing, not an optimizer's per-coordinate state (GBs here).
@@ -816,7 +820,8 @@ def transfer(
         results = compare(dst, data, methods, steps=steps, seeds=report_seeds(seeds), **options)
     grid_text = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in scores.items())
     click.echo(
-        f"Adam grid (final training loss on tuning seed {TUNING_SEED}): {grid_text}; best {best_lr:g}"
+        f"Adam grid (final training loss on tuning seed {TUNING_SEED}): {grid_text}; "
+        f"best {best_lr:g}"
     )
     report_steps = [s for s in (50, 100, 200, 500, 1000, 2000, 5000) if s < steps] + [steps]
     header, rows = summarise(results, report_steps)
@@ -1002,7 +1007,8 @@ def _grid_option(method: str, default: tuple[float, ...]):
     "budget_seconds",
     type=float,
     default=None,
-    help="Wall-clock budget in seconds for 'accuracy within budget' (default: the fastest method's run time).",
+    help="Wall-clock budget in seconds for 'accuracy within budget' (default: the fastest "
+    "method's run time).",
 )
 @click.option(
     "--eval-examples",
@@ -1120,15 +1126,15 @@ def _bench_config_from_command(command: str):
         raise ConfigError(f"recorded command {command!r} does not parse ({error})") from error
     if "bench" not in args:
         raise ConfigError(f"recorded command {command!r} is not a `zoo bench` command")
-    if "--help" in args:
+    if set(args) & set(main.context_settings["help_option_names"]):
+        # Parsing would print the help and exit instead of returning the options.
         raise ConfigError(f"recorded command {command!r} only asks for help; rerun that benchmark")
     try:
         ctx = bench.make_context("bench", args[args.index("bench") + 1 :])
-    except (click.ClickException, click.exceptions.Exit) as error:
-        why = error.format_message() if isinstance(error, click.ClickException) else "help only"
+    except click.ClickException as error:
         raise ConfigError(
-            f"recorded command {command!r} does not parse as a bench run ({why}); "
-            "rerun that benchmark"
+            f"recorded command {command!r} does not parse as a bench run "
+            f"({error.format_message()}); rerun that benchmark"
         ) from error
     options = dict(ctx.params)
     options.pop("out", None)

@@ -61,16 +61,24 @@ def test_transfer_end_to_end_on_real_mnist(checkpoint, mnist_root, tmp_path):
     assert len(payload["runs"]["zoo tiny-ck"]) == 2
 
 
-def test_meta_train_writes_a_loadable_checkpoint(mnist_root, tmp_path):
+def _meta_train(recipe_text: str, mnist_root, tmp_path):
+    """``zoo meta-train`` on a tiny recipe given as TOML text; (result, checkpoint folder)."""
     recipe = tmp_path / "r.toml"
-    recipe.write_text(
-        'name = "cli-tiny"\n[task]\nbatch_size = 16\n'
-        "[meta]\niterations = 2\nhorizon = 4\nunroll = 2\nvalidate_every = 2\n"
-        '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
-    )
+    recipe.write_text(recipe_text)
     out = tmp_path / "ck"
     result = _run("meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root))
     assert result.exit_code == 0, result.output
+    return result, out
+
+
+def test_meta_train_writes_a_loadable_checkpoint(mnist_root, tmp_path):
+    result, out = _meta_train(
+        'name = "cli-tiny"\n[task]\nbatch_size = 16\n'
+        "[meta]\niterations = 2\nhorizon = 4\nunroll = 2\nvalidate_every = 2\n"
+        '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n',
+        mnist_root,
+        tmp_path,
+    )
     loaded = load_checkpoint(out)
     assert loaded.name == "cli-tiny"
     card = (out / "README.md").read_text()
@@ -84,30 +92,26 @@ def test_meta_train_writes_a_loadable_checkpoint(mnist_root, tmp_path):
 
 
 def test_meta_train_records_a_horizon_schedule(mnist_root, tmp_path):
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(
+    _, out = _meta_train(
         'name = "cli-sched"\n[task]\nbatch_size = 16\n'
         "[meta]\niterations = 2\nhorizon = 4\nhorizon_schedule = [2, 6]\nunroll = 2\n"
-        'validate_every = 2\n[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
+        'validate_every = 2\n[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n',
+        mnist_root,
+        tmp_path,
     )
-    out = tmp_path / "ck"
-    result = _run("meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root))
-    assert result.exit_code == 0, result.output
     training = load_checkpoint(out).config["training"]
     assert training["horizon"] == 6 and training["horizon_schedule"] == [2, 6]
     assert "tasks of 2/6 (cycled) steps" in (out / "README.md").read_text()
 
 
 def test_meta_train_card_names_the_layers_of_a_per_layer_checkpoint(mnist_root, tmp_path):
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(
+    _, out = _meta_train(
         'name = "cli-layers"\n[task]\nbatch_size = 16\n[update_net]\nper_layer = true\n'
         "[meta]\niterations = 1\nhorizon = 2\nunroll = 2\nvalidate_every = 1\n"
-        '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n'
+        '[[validation]]\nnetwork = "small"\nsteps = 2\nseeds = [5]\n',
+        mnist_root,
+        tmp_path,
     )
-    out = tmp_path / "ck"
-    result = _run("meta-train", str(recipe), "--out", str(out), "--data-root", str(mnist_root))
-    assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
     assert "one net per\nlayer of `small`: conv1, fc1" in card, card
     assert "layer kind: conv, fc" not in card

@@ -383,10 +383,13 @@ def _tune(network, data, key, config, options):
         scores[point] = _final_loss(network, data, method, steps, config.tuning_seed, options)
     finite = [p for p in points if math.isfinite(scores[p])]
     best = min(finite, key=lambda p: (scores[p], p)) if finite else None
-    named = {
-        (f"α={lr:g}, μ={mu:g}" if key == "sou" else f"{lr:g}"): v for (lr, mu), v in scores.items()
-    }
+    named = {grid_point_name(key, lr, mu): v for (lr, mu), v in scores.items()}
     return best, named
+
+
+def grid_point_name(key: str, lr: float, damping: float) -> str:
+    """How a tuning grid point is named in reports and bench.json (SOU: α and μ)."""
+    return f"α={lr:g}, μ={damping:g}" if key == "sou" else f"{lr:g}"
 
 
 def _final_loss(network, data, method, steps, seed, options) -> float:

@@ -41,6 +41,7 @@ from .bench import (
     CellResult,
     config_from_json,
     copy_config,
+    grid_point_name,
 )
 from .errors import ConfigError
 from .train import RunRecord
@@ -304,10 +305,6 @@ def _time_factors(runs: Sequence[BenchRun]) -> list[tuple[float, str | None, Pat
     return factors
 
 
-def _tuned_point(key: str, best: float, damping: float) -> str:
-    return f"α={best:g}, μ={damping:g}" if key == "sou" else f"{best:g}"
-
-
 def _provenance_note(cell: CellResult, label: str) -> str | None:
     prefix = f"{cell.dataset}/{cell.network}: {label} is "
     return next((n[len(prefix) :] for n in cell.notes if n.startswith(prefix)), None)
@@ -396,7 +393,7 @@ def _merge_cell(parts: list[tuple], reference: BenchRun) -> CellResult:
     for key, scores in merged.tuning.items():
         finite = {p: v for p, v in scores.items() if math.isfinite(v)}
         if key in merged.best and finite:
-            chosen = _tuned_point(key, merged.best[key], merged.sou_damping)
+            chosen = grid_point_name(key, merged.best[key], merged.sou_damping)
             winner = min(finite, key=finite.get)
             if chosen in finite and finite[winner] < finite[chosen]:
                 raise ConfigError(
